@@ -1,0 +1,235 @@
+"""Per-layer pruning ratios (METHOD.md section 1), solved so the whole model hits the user's target.
+
+The user's `--ratio R` is the fraction of the model's TOTAL parameters to remove (embeddings and
+lm_head included, a tied embedding counted once). Layer l gets r_l = R_base * m_l with
+m_l = K softmax(alpha s)_l over the K most redundant layers (highest input/output cosine s_l). R_base is
+found by bisection on the exact parameter count after rounding to whole heads / KV groups / channels,
+then a few single channels are added or removed so the total lands on the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .architecture import ModelShape
+from .errors import StreamPruneError
+
+GQA_MODES = ("heads", "groups")
+
+
+@dataclass(frozen=True)
+class HeadUnits:
+    """What one prunable attention unit is, for a model and a GQA mode.
+
+    - MHA: a unit is one head with its q, k, v rows and o columns.
+    - GQA, mode "groups": a unit is a whole KV group (its query heads plus its k and v head).
+    - GQA, mode "heads": a unit is one query head; every KV group loses the same number of query
+      heads (a bucket per group), so the layer stays a valid grouped-query layer and k/v are untouched.
+    """
+
+    heads_per_unit: int
+    num_units: int
+    num_buckets: int
+    params_per_unit: int
+    kv_heads_per_unit: int  # KV heads removed with one unit (0 in "heads" mode)
+
+    @property
+    def units_per_bucket(self) -> int:
+        return self.num_units // self.num_buckets
+
+    def buckets(self) -> torch.Tensor:
+        """Bucket id of each unit: units are ordered head by head, KV group by KV group."""
+        return torch.arange(self.num_units) // self.units_per_bucket
+
+
+def head_units(shape: ModelShape, gqa_mode: str) -> HeadUnits:
+    c, d = shape.hidden_size, shape.head_dim
+    qkv_b = d if shape.qkv_bias else 0
+    if not shape.is_gqa:
+        return HeadUnits(1, shape.num_heads, 1, 4 * d * c + 3 * qkv_b, 1)
+    if gqa_mode == "groups":
+        n = shape.heads_per_group
+        return HeadUnits(n, shape.num_kv_heads, 1, (2 * n + 2) * d * c + (n + 2) * qkv_b, 1)
+    if gqa_mode == "heads":
+        return HeadUnits(1, shape.num_heads, shape.num_kv_heads, 2 * d * c + qkv_b, 0)
+    raise StreamPruneError(f"unknown GQA mode {gqa_mode!r}; use one of {', '.join(GQA_MODES)}")
+
+
+def channel_params(shape: ModelShape) -> int:
+    return 3 * shape.hidden_size + (2 if shape.mlp_bias else 0)
+
+
+@dataclass
+class LayerPlan:
+    """What one layer loses: `prune_units_per_bucket` attention units in each bucket and `prune_channels`."""
+
+    layer: int
+    score: float | None
+    multiplier: float
+    ratio: float
+    prune_units_per_bucket: int
+    prune_channels: int
+
+    @property
+    def prunes_attention(self) -> bool:
+        return self.prune_units_per_bucket > 0
+
+    @property
+    def prunes_mlp(self) -> bool:
+        return self.prune_channels > 0
+
+
+@dataclass
+class Allocation:
+    plans: list[LayerPlan]
+    params_before: int
+    params_after: int
+    target_ratio: float
+    base_ratio: float
+    alpha: float | None
+    pruned_layers: int
+
+    @property
+    def achieved_ratio(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "plans"}
+        out["achieved_ratio"] = self.achieved_ratio
+        return out
+
+
+def default_alpha(ratio: float) -> float:
+    """The reference settings: alpha 10 at low ratios (20 %), 7 at high ones (50 %)."""
+    return 10.0 if ratio < 0.35 else 7.0
+
+
+def default_num_pruned_layers(ratio: float, num_layers: int) -> int:
+    """K layers to prune: the reference prunes 26 of 32 at 20 % and 30 of 32 at 50 %; interpolate."""
+    frac = min(max(26 / 32 + (ratio - 0.2) * (4 / 32) / 0.3, 26 / 32), 30 / 32)
+    return max(1, min(num_layers, round(frac * num_layers)))
+
+
+def layer_multipliers(scores: list[float] | None, num_layers: int, alpha: float, k: int) -> list[float]:
+    """m_l = K softmax(alpha s)_l over the K highest-scoring layers, 0 elsewhere; all 1 when uniform."""
+    if scores is None:
+        return [1.0] * num_layers
+    s = torch.tensor(scores, dtype=torch.float64)
+    chosen = torch.argsort(s, descending=True, stable=True)[:k]
+    weights = torch.softmax(alpha * s[chosen], dim=0) * k
+    m = torch.zeros(num_layers, dtype=torch.float64)
+    m[chosen] = weights
+    return m.tolist()
+
+
+class _Counter:
+    """Parameters removed by a layer at ratio r, after rounding and caps (monotone in r)."""
+
+    def __init__(self, shape: ModelShape, units: HeadUnits, regression: bool):
+        self.shape, self.units = shape, units
+        self.per_channel = channel_params(shape)
+        self.regression = regression
+
+    def counts(self, r: float) -> tuple[int, int]:
+        per_bucket = self.units.units_per_bucket
+        prune_units = min(round(r * per_bucket), per_bucket - 1)
+        prune_channels = min(round(r * self.shape.intermediate_size), self.shape.intermediate_size - 1)
+        return max(prune_units, 0), max(prune_channels, 0)
+
+    def removed(self, prune_units: int, prune_channels: int) -> int:
+        total = prune_units * self.units.num_buckets * self.units.params_per_unit
+        total += prune_channels * self.per_channel
+        if self.regression:  # recovery adds an o_proj / down_proj bias where the layer has none
+            c = self.shape.hidden_size
+            total -= c * (prune_units > 0 and not self.shape.o_bias)
+            total -= c * (prune_channels > 0 and not self.shape.mlp_bias)
+        return total
+
+
+def solve_allocation(
+    shape: ModelShape,
+    params_before: int,
+    target_ratio: float,
+    scores: list[float] | None,
+    alpha: float | None = None,
+    num_pruned_layers: int | None = None,
+    gqa_mode: str = "heads",
+    regression: bool = True,
+) -> Allocation:
+    """Per-layer plans whose total removal is as close as rounding allows to target_ratio * params_before.
+
+    `scores` are the per-layer cosine similarities from the dense pass, or None for uniform ratios.
+    """
+    if not 0 <= target_ratio < 1:
+        raise StreamPruneError(f"--ratio must be in [0, 1), got {target_ratio}")
+    units = head_units(shape, gqa_mode)
+    counter = _Counter(shape, units, regression)
+    L = shape.num_layers
+    if scores is None:
+        alpha_used, k = None, L
+    else:
+        alpha_used = default_alpha(target_ratio) if alpha is None else alpha
+        k = default_num_pruned_layers(target_ratio, L) if num_pruned_layers is None else num_pruned_layers
+        if not 1 <= k <= L:
+            raise StreamPruneError(f"--layers must be between 1 and {L}, got {k}")
+    m = layer_multipliers(scores, L, alpha_used or 0.0, k)
+    target = target_ratio * params_before
+
+    def removed_at(base: float) -> tuple[int, list[tuple[int, int]]]:
+        counts = [counter.counts(min(base * mi, 1.0)) for mi in m]
+        return sum(counter.removed(u, ch) for u, ch in counts), counts
+
+    base = _bisect_base(removed_at, target, max_base=1.0 / min(x for x in m if x > 0), params=params_before)
+    _, counts = removed_at(base)
+    counts = _correct_with_channels(counts, m, counter, target)
+    plans = [
+        LayerPlan(i, None if scores is None else float(scores[i]), float(m[i]), min(base * m[i], 1.0), u, ch)
+        for i, (u, ch) in enumerate(counts)
+    ]
+    removed = sum(counter.removed(u, ch) for u, ch in counts)
+    return Allocation(plans, params_before, params_before - removed, target_ratio, base, alpha_used, k)
+
+
+def _bisect_base(removed_at, target: float, max_base: float, params: int) -> float:
+    """Smallest-error R_base: bisection on the step function removed_at(base) around the target."""
+    if target <= 0:
+        return 0.0
+    most, _ = removed_at(max_base)
+    if most < target:
+        raise StreamPruneError(
+            f"--ratio is too large: at most {most / params:.1%} of the parameters can be removed while "
+            "keeping at least one head (per KV group) and one FFN channel in every layer"
+        )
+    lo, hi = 0.0, max_base
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if removed_at(mid)[0] >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi if abs(removed_at(hi)[0] - target) <= abs(removed_at(lo)[0] - target) else lo
+
+
+def _correct_with_channels(counts, m, counter: _Counter, target: float) -> list[tuple[int, int]]:
+    """Add or remove single FFN channels (the finest unit) in pruned layers, most redundant first."""
+    counts = list(counts)
+    deficit = target - sum(counter.removed(u, ch) for u, ch in counts)
+    steps = round(deficit / counter.per_channel)
+    order = [i for i in sorted(range(len(m)), key=lambda i: -m[i]) if counts[i][1] > 0]
+    limit = counter.shape.intermediate_size - 1
+    while steps and order:
+        moved = False
+        for i in order:
+            u, ch = counts[i]
+            new = ch + (1 if steps > 0 else -1)
+            if 1 <= new <= limit:
+                counts[i] = (u, new)
+                steps += -1 if steps > 0 else 1
+                moved = True
+            if not steps:
+                break
+        if not moved:
+            break
+    return counts

@@ -1,0 +1,546 @@
+"""The streaming loop: prune a checkpoint one decoder layer at a time.
+
+    pass 1 (dense): embed calibration ids, run each dense layer, record cos(input, output) per layer
+    allocation:     per-layer ratios solved to hit the total-parameter target
+    pass 2 (prune): embed again, then per layer: read -> score -> select -> regress -> write shard
+
+Only one layer's weights and the calibration hidden states are ever in memory. Work happens in a
+staging folder next to OUT_DIR with a small state file, so a killed run resumes from the last
+completed layer and OUT_DIR appears (by rename) only once every shard is written and verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from .allocation import GQA_MODES, Allocation, head_units, solve_allocation
+from .architecture import (
+    ModelShape,
+    engine_config,
+    expected_layer_shapes,
+    layer_tensor_names,
+    non_layer_tensor_names,
+    read_shape,
+)
+from .checkpoint import INDEX_NAME, CheckpointReader, ShardWriter, copy_aux_files, read_json, write_json
+from .errors import StreamPruneError
+from .layer_pruning import LayerRuntime, MethodSwitches, Timer, build_layer, dense_forward, prune_layer
+from .modeling import AUTO_MAP, REMOTE_CODE_FILES
+
+REPORT_NAME = "streamprune_report.json"
+STATE_NAME = "state.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PruneOptions:
+    """Everything that decides the output. Mirrors `streamprune run`'s options one to one."""
+
+    ratio: float
+    calib: str = "wikitext:wikitext-2-raw-v1:train"
+    nsamples: int = 32
+    seqlen: int = 128
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"
+    alpha: float | None = None
+    num_pruned_layers: int | None = None
+    gqa_mode: str = "heads"
+    greedy: bool = True
+    feature_space: bool = True
+    uniform: bool = False
+    regression: bool = True
+    batch_size: int = 8
+
+    def switches(self) -> MethodSwitches:
+        return MethodSwitches(greedy=self.greedy, feature_space=self.feature_space, regression=self.regression)
+
+    def validate(self) -> None:
+        if not 0 <= self.ratio < 1:
+            raise StreamPruneError(f"--ratio must be at least 0 and below 1, got {self.ratio}")
+        if self.nsamples < 1:
+            raise StreamPruneError(f"--nsamples must be at least 1, got {self.nsamples}")
+        if self.seqlen < 2:
+            raise StreamPruneError(f"--seqlen must be at least 2, got {self.seqlen}")
+        if self.batch_size < 1:
+            raise StreamPruneError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.gqa_mode not in GQA_MODES:
+            raise StreamPruneError(f"--gqa-mode must be one of {', '.join(GQA_MODES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, folders, state
+# ----------------------------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise StreamPruneError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise StreamPruneError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StreamPruneError(f"--device {name} asked for CUDA, but no CUDA GPU is available; use --device cpu")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise StreamPruneError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        device = torch.device("cuda", index)
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is float16 on CUDA (V100s have no bfloat16) and float32 on CPU (fast fp16 kernels are rare)."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise StreamPruneError(f"unknown --dtype {name!r}; use auto, float32, float16 or bfloat16")
+    return _DTYPES[name]
+
+
+def staging_dir_for(out_dir: Path) -> Path:
+    """Staging lives beside OUT_DIR (same filesystem, so the final rename is atomic)."""
+    return out_dir.parent / f".{out_dir.name}.streamprune-partial"
+
+
+def check_folders(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    model_res, out_res = model_dir.resolve(), out_dir.resolve()
+    if out_res == model_res or model_res in out_res.parents:
+        raise StreamPruneError("OUT_DIR must not be MODEL_DIR or inside it; choose a folder elsewhere")
+    if out_res in model_res.parents:
+        raise StreamPruneError("OUT_DIR must not contain MODEL_DIR; choose a folder elsewhere")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise StreamPruneError(f"OUT_DIR {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise StreamPruneError(f"OUT_DIR {out_dir} is not empty; pass --overwrite to replace it")
+
+
+def model_fingerprint(reader: CheckpointReader) -> str:
+    """Cheap identity of the input checkpoint: config, index and shard sizes / mtimes."""
+    h = hashlib.sha256(json.dumps(reader.config, sort_keys=True).encode())
+    for file in sorted(set(reader.weight_map.values())):
+        st = (reader.model_dir / file).stat()
+        h.update(f"{file}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def run_fingerprint(reader: CheckpointReader, options: PruneOptions) -> dict:
+    opts = asdict(options)
+    opts.pop("batch_size")  # batching changes speed, not results, beyond float summation order
+    return {"format": FORMAT_VERSION, "model": model_fingerprint(reader), "options": opts}
+
+
+class RunState:
+    """`state.json` in the staging folder: how far each pass got, and what it decided."""
+
+    def __init__(self, staging: Path, fingerprint: dict):
+        self.path = staging / STATE_NAME
+        self.data = {"fingerprint": fingerprint, "scores": [], "pass2_done": 0, "layer_specs": [],
+                     "layer_reports": [], "allocation": None, "hidden_file": None, "timings": {}}
+
+    @classmethod
+    def open(cls, staging: Path, fingerprint: dict, restart: bool) -> RunState:
+        state = cls(staging, fingerprint)
+        if staging.is_dir() and state.path.is_file() and not restart:
+            saved = read_json(state.path)
+            if saved.get("fingerprint") != fingerprint:
+                raise StreamPruneError(
+                    f"{staging} holds an unfinished run with different options or input; rerun with the "
+                    "same options to resume, or pass --restart to discard it"
+                )
+            state.data = saved
+            return state
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        state.save()
+        return state
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+
+class _StopFlag:
+    """Ctrl-C sets a flag; the loop stops at the next layer boundary with everything resumable."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C handling alone
+            self._old = None
+        return self
+
+    def _handle(self, *_):
+        if self.requested:  # a second Ctrl-C aborts at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PruneResult:
+    out_dir: Path
+    report: dict
+    allocation: Allocation | None = None
+    layer_specs: list[dict] = field(default_factory=list)
+
+
+class StreamingPruner:
+    """Prunes MODEL_DIR into OUT_DIR layer by layer. Use `run()`; see the module docstring."""
+
+    def __init__(self, model_dir: str | Path, out_dir: str | Path, options: PruneOptions, *,
+                 overwrite: bool = False, restart: bool = False, quiet: bool = False):
+        options.validate()
+        self.model_dir, self.out_dir = Path(model_dir), Path(out_dir)
+        self.options, self.overwrite, self.restart, self.quiet = options, overwrite, restart, quiet
+        self.device = resolve_device(options.device)
+        self.dtype = resolve_dtype(options.dtype, self.device)
+        check_folders(self.model_dir, self.out_dir, overwrite)
+        self.reader = CheckpointReader(self.model_dir)
+        self.shape: ModelShape = read_shape(self.reader.config)
+        self._check_tensor_shapes()
+        self.dense_config = engine_config(self.reader.config, self.shape)
+        self.dense_config._attn_implementation = "sdpa"
+        self.staging = staging_dir_for(self.out_dir)
+        self.units = head_units(self.shape, options.gqa_mode)
+        self.timer = Timer(self.device)
+        self.stop = _StopFlag()
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def _check_tensor_shapes(self) -> None:
+        """Every tensor the config implies must exist with the implied shape (headers only)."""
+        spec = self.shape.dense_layer_spec()
+        for i in range(self.shape.num_layers):
+            for name, want in expected_layer_shapes(self.shape, i, spec).items():
+                got = self.reader.shape(name)
+                if got != want:
+                    raise StreamPruneError(f"tensor {name} has shape {list(got)} but config.json implies {list(want)}")
+        emb = self.reader.shape("model.embed_tokens.weight")
+        if emb != (self.shape.vocab_size, self.shape.hidden_size):
+            raise StreamPruneError(f"model.embed_tokens.weight has shape {list(emb)}, config.json implies "
+                                   f"{[self.shape.vocab_size, self.shape.hidden_size]}")
+        for name in non_layer_tensor_names(self.shape):
+            self.reader.shape(name)
+
+    # -- calibration ----------------------------------------------------------------------------
+
+    def _calibration_ids(self) -> torch.Tensor:
+        """Token ids (nsamples, seqlen), cached in the staging folder so a resume uses the same ones."""
+        path = self.staging / "calibration.safetensors"
+        if path.is_file():
+            return load_file(str(path))["input_ids"]
+        from .calibration import CalibrationError, generate_self_calibration, load_calibration
+
+        tokenizer = self._tokenizer()
+        o = self.options
+        try:
+            if o.calib == "self":
+                ids = generate_self_calibration(self.model_dir, tokenizer, o.nsamples, o.seqlen, o.seed,
+                                                device=str(self.device))
+            else:
+                ids = load_calibration(o.calib, tokenizer, o.nsamples, o.seqlen, o.seed)
+        except CalibrationError as exc:
+            raise StreamPruneError(str(exc)) from None
+        save_file({"input_ids": ids.contiguous()}, str(path))
+        return ids
+
+    def _tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.model_dir))
+        except (OSError, ValueError) as exc:
+            raise StreamPruneError(f"cannot load the tokenizer from {self.model_dir} ({exc})") from None
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Calibration hidden states (nsamples, seqlen, C), float32 on the compute device."""
+        weight = self.reader.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+        if int(ids.max()) >= weight.shape[0]:
+            raise StreamPruneError("calibration token ids exceed the embedding size; tokenizer and model disagree")
+        hidden = weight[ids].to(self.device, torch.float32)
+        del weight
+        return hidden
+
+    def _runtime(self, hidden: torch.Tensor) -> LayerRuntime:
+        rotary = LlamaRotaryEmbedding(self.dense_config).to(self.device)
+        positions = torch.arange(hidden.shape[1], device=self.device)[None, :]
+        probe = torch.empty(1, dtype=self.dtype, device=self.device)
+        cos, sin = rotary(probe, positions)
+        return LayerRuntime(self.device, self.dtype, self.options.batch_size, (cos, sin))
+
+    # -- hidden-state checkpoints ---------------------------------------------------------------
+
+    def _save_hidden(self, state: RunState, hidden: torch.Tensor, tag: str) -> None:
+        name = f"hidden-{tag}.safetensors"
+        tmp = self.staging / (name + ".tmp")
+        save_file({"hidden": hidden.to("cpu").contiguous()}, str(tmp))
+        os.replace(tmp, self.staging / name)
+        old, state.data["hidden_file"] = state.data["hidden_file"], name
+        state.save()
+        if old and old != name:
+            (self.staging / old).unlink(missing_ok=True)
+
+    def _load_hidden(self, state: RunState) -> torch.Tensor:
+        return load_file(str(self.staging / state.data["hidden_file"]))["hidden"].to(self.device)
+
+    def _check_finite(self, hidden: torch.Tensor, layer: int) -> None:
+        if not torch.isfinite(hidden).all():
+            raise StreamPruneError(
+                f"non-finite hidden states after layer {layer} (overflow in {str(self.dtype)[6:]}); "
+                "rerun with --dtype float32"
+            )
+
+    def _check_stop(self, layer: int, phase: str) -> None:
+        if self.stop.requested:
+            raise StreamPruneError(
+                f"interrupted after layer {layer} of {phase}; run the same command again to resume"
+            )
+
+    # -- passes ---------------------------------------------------------------------------------
+
+    def _layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        with self.timer.phase("read"):
+            return self.reader.read(layer_tensor_names(i, self.shape.dense_layer_spec()))
+
+    def _pass1_scores(self, state: RunState, ids: torch.Tensor) -> list[float]:
+        """Dense pass: s_l = mean over tokens of cos(x_l, y_l)."""
+        scores = state.data["scores"]
+        L = self.shape.num_layers
+        if len(scores) == L:
+            return scores
+        hidden = self._load_hidden(state) if scores else self._embed(ids)
+        runtime = self._runtime(hidden)
+        bar = tqdm(range(len(scores), L), desc="pass 1/2 (dense scores)", disable=self.quiet, unit="layer",
+                   initial=len(scores), total=L)
+        for i in bar:
+            layer = build_layer(self.dense_config, i, self._layer_tensors(i), runtime)
+            with self.timer.phase("dense_forward"):
+                scores.append(dense_forward(layer, hidden, runtime))
+            del layer
+            self._check_finite(hidden, i)
+            self._save_hidden(state, hidden, f"p1-{i:05d}")
+            self._check_stop(i, "pass 1")
+        return scores
+
+    def _pass2_prune(self, state: RunState, ids: torch.Tensor, allocation: Allocation,
+                     writer: ShardWriter) -> None:
+        done = state.data["pass2_done"]
+        L = self.shape.num_layers
+        hidden = self._load_hidden(state) if done else self._embed(ids)
+        runtime = self._runtime(hidden)
+        dense_spec = self.shape.dense_layer_spec()
+        bar = tqdm(range(done, L), desc="pass 2/2 (prune)", disable=self.quiet, unit="layer", initial=done, total=L)
+        for i in bar:
+            plan = allocation.plans[i]
+            stored = self._layer_tensors(i)
+            start = time.perf_counter()
+            layer = build_layer(self.dense_config, i, stored, runtime)
+            result = prune_layer(layer, stored, hidden, plan, self.units, dense_spec, self.options.switches(),
+                                 runtime, self.timer)
+            del layer, stored
+            self._check_finite(hidden, i)
+            compute_s = time.perf_counter() - start
+            with self.timer.phase("write"):
+                writer.write(i + 1, result.tensors)
+            result.report.update(plan_ratio=plan.ratio, score=plan.score, compute_seconds=compute_s,
+                                 params_before=_layer_params(self.shape, dense_spec),
+                                 params_after=_layer_params(self.shape, result.spec))
+            state.data["layer_specs"].append(result.spec)
+            state.data["layer_reports"].append(result.report)
+            state.data["pass2_done"] = i + 1
+            self._save_hidden(state, hidden, f"p2-{i:05d}")
+            self._check_stop(i, "pass 2")
+
+    def _copy_non_layer(self, writer: ShardWriter) -> None:
+        """Embeddings, final norm and lm_head, each in its own shard, one tensor in memory at a time."""
+        L = self.shape.num_layers
+        for k, name in enumerate(non_layer_tensor_names(self.shape)):
+            if not writer.exists(L + 1 + k):
+                with self.timer.phase("copy"):
+                    writer.write(L + 1 + k, self.reader.read([name]))
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def _output_config(self, specs: list[dict]) -> tuple[dict, bool]:
+        """Stock family config when every layer has one shape and native biases; else StreamPrune's."""
+        dense = self.shape.dense_layer_spec()
+        flags = ("qkv_bias", "o_bias", "mlp_bias", "down_bias")
+        homogeneous = all(s == specs[0] for s in specs) and all(specs[0][f] == dense[f] for f in flags)
+        if homogeneous:
+            cfg = dict(self.reader.config)
+            cfg.update(num_attention_heads=specs[0]["num_attention_heads"],
+                       num_key_value_heads=specs[0]["num_key_value_heads"],
+                       intermediate_size=specs[0]["intermediate_size"], head_dim=self.shape.head_dim)
+            return cfg, False
+        cfg = engine_config(self.reader.config, self.shape, specs).to_dict()
+        cfg.update(architectures=["StreamPruneForCausalLM"], auto_map=dict(AUTO_MAP))
+        cfg["dtype"] = str(self.reader.storage_dtype()).removeprefix("torch.")
+        return cfg, True
+
+    def _finalize(self, state: RunState, writer: ShardWriter, report: dict) -> None:
+        specs = state.data["layer_specs"]
+        config, remote = self._output_config(specs)
+        write_json(self.staging / "config.json", config)
+        if remote:
+            for src in REMOTE_CODE_FILES:
+                shutil.copy2(src, self.staging / src.name)
+        copy_aux_files(self.model_dir, self.staging)
+        shapes = writer.write_index()
+        self._verify(shapes, specs)
+        write_json(self.staging / REPORT_NAME, report)
+        for scratch in self.staging.glob("hidden-*.safetensors"):
+            scratch.unlink()
+        for name in (STATE_NAME, "calibration.safetensors"):
+            (self.staging / name).unlink(missing_ok=True)
+        self._publish()
+
+    def _verify(self, shapes: dict[str, tuple[int, ...]], specs: list[dict]) -> None:
+        """Every tensor the new config implies is in the index with the expected shape, and no others."""
+        expected: dict[str, tuple[int, ...]] = {}
+        for i, spec in enumerate(specs):
+            expected.update(expected_layer_shapes(self.shape, i, spec))
+        for name in non_layer_tensor_names(self.shape):
+            expected[name] = self.reader.shape(name)
+        if shapes != expected:
+            missing = sorted(set(expected) - set(shapes))[:3]
+            wrong = sorted(n for n in set(expected) & set(shapes) if expected[n] != shapes[n])[:3]
+            raise StreamPruneError(f"output verification failed (missing {missing}, wrong shape {wrong}); "
+                                   "rerun with --restart")
+
+    def _publish(self) -> None:
+        """Move the staging folder into place; an existing OUT_DIR is removed only now (--overwrite)."""
+        if self.out_dir.exists():
+            trash = self.out_dir.parent / f".{self.out_dir.name}.streamprune-old"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(self.out_dir, trash)
+            os.replace(self.staging, self.out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.staging, self.out_dir)
+
+    # -- entry point ----------------------------------------------------------------------------
+
+    def run(self) -> PruneResult:
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        state = RunState.open(self.staging, run_fingerprint(self.reader, self.options), self.restart)
+        L = self.shape.num_layers
+        non_layer = non_layer_tensor_names(self.shape)
+        writer = ShardWriter(self.staging, L + len(non_layer))
+        with self.stop, torch.inference_mode(False), torch.no_grad():
+            ids = self._calibration_ids()
+            o = self.options
+            need_scores = not o.uniform and o.ratio > 0
+            scores = self._pass1_scores(state, ids) if need_scores else None
+            if state.data["allocation"] is None:
+                allocation = solve_allocation(self.shape, self.reader.parameter_count(), o.ratio, scores,
+                                              o.alpha, o.num_pruned_layers, o.gqa_mode, o.regression)
+                state.data["allocation"] = {"summary": allocation.to_dict(),
+                                            "plans": [asdict(p) for p in allocation.plans]}
+                state.data["hidden_file"] = None  # pass 2 starts from the embeddings again
+                state.save()
+            allocation = _allocation_from_state(state.data["allocation"])
+            self._pass2_prune(state, ids, allocation, writer)
+            self._copy_non_layer(writer)
+        report = self._report(state, allocation, time.perf_counter() - started)
+        self._finalize(state, writer, report)
+        return PruneResult(self.out_dir, report, allocation, state.data["layer_specs"])
+
+    def _report(self, state: RunState, allocation: Allocation, seconds: float) -> dict:
+        after = self.reader.parameter_count() - sum(
+            r["params_before"] - r["params_after"] for r in state.data["layer_reports"])
+        report = {
+            "streamprune_version": _version(),
+            "model_dir": str(self.model_dir),
+            "family": self.shape.family,
+            "options": asdict(self.options),
+            "device": str(self.device),
+            "compute_dtype": str(self.dtype).removeprefix("torch."),
+            "gqa_unit": "kv-group" if self.units.kv_heads_per_unit and self.shape.is_gqa else "head",
+            "allocation": allocation.to_dict(),
+            "params_before": self.reader.parameter_count(),
+            "params_after": after,
+            "achieved_ratio": 1 - after / self.reader.parameter_count(),
+            "layers": state.data["layer_reports"],
+            "timings_seconds": {"total_this_process": seconds, **dict(self.timer.seconds)},
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        if self.device.type == "cuda":
+            report["peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return report
+
+
+def _allocation_from_state(saved: dict) -> Allocation:
+    from .allocation import LayerPlan
+
+    s = saved["summary"]
+    return Allocation([LayerPlan(**p) for p in saved["plans"]], s["params_before"], s["params_after"],
+                      s["target_ratio"], s["base_ratio"], s["alpha"], s["pruned_layers"])
+
+
+def _layer_params(shape: ModelShape, spec: dict) -> int:
+    total = 0
+    for dims in expected_layer_shapes(shape, 0, spec).values():
+        n = 1
+        for d in dims:
+            n *= d
+        total += n
+    return total
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def read_report(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / REPORT_NAME
+    if not path.is_file():
+        raise StreamPruneError(f"{out_dir} has no {REPORT_NAME}; is it a streamprune output folder?")
+    return read_json(path)
+
+
+def prune(model_dir: str | Path, out_dir: str | Path, ratio: float, *, overwrite: bool = False,
+          restart: bool = False, quiet: bool = False, **options) -> PruneResult:
+    """Python API mirroring `streamprune run`: keyword options are `PruneOptions` fields."""
+    return StreamingPruner(model_dir, out_dir, PruneOptions(ratio=ratio, **options), overwrite=overwrite,
+                           restart=restart, quiet=quiet).run()
+
+
+__all__ = ["INDEX_NAME", "PruneOptions", "PruneResult", "StreamingPruner", "prune", "read_report"]

@@ -1,0 +1,193 @@
+"""Head and channel importance (METHOD.md sections 2 and 3), computed from running statistics.
+
+Heads: every quantity the Pearson similarity and the greedy search need is a second-order statistic
+of the head outputs. With Y_u = A_u W_o,u^T the contribution of unit u (a head, or a KV group of heads)
+to the o_proj output, M[c, u, v] = cov(Y_u[:, c], Y_v[:, c]) is a quadratic form of the covariance of
+the attention output A, so it is built from sum(A) and A^T A accumulated over calibration batches;
+after that no candidate set ever touches the N tokens again.
+
+Channels: the FFN output covariance (for its PCA) and per-feature / per-channel squared norms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_EPS = 1e-30
+
+
+class MomentAccumulator:
+    """Running sum and Gram matrix of row vectors, kept in float64 so fp16 runs stay exact enough.
+
+    Each batch's Gram is formed in float32 (fast on any GPU) and added to a float64 total: a batch has
+    at most a few thousand rows, so the float32 partial loses nothing the float64 total would keep.
+    """
+
+    def __init__(self, dim: int, device: torch.device):
+        self.count = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.reshape(-1, rows.shape[-1]).float()
+        self.count += rows.shape[0]
+        self.sum += rows.sum(0, dtype=torch.float64)
+        self.gram += (rows.T @ rows).double()
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count
+
+    def covariance(self) -> torch.Tensor:
+        mu = self.mean()
+        return self.gram / self.count - torch.outer(mu, mu)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention heads
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UnitStats:
+    """Per-output-dim covariances of the unit contributions to the o_proj output.
+
+    M: (C, U, U) with M[c, u, v] = cov(Y_u[:, c], Y_v[:, c]); r = M.sum(-1) = cov(Y_u, Y) per c;
+    var_y = cov(Y, Y) per c. Float64 throughout.
+    """
+
+    M: torch.Tensor
+    r: torch.Tensor
+    var_y: torch.Tensor
+
+    @classmethod
+    def from_covariance(cls, cov_a: torch.Tensor, w_o: torch.Tensor, unit_size: int) -> UnitStats:
+        """cov_a: (Hd, Hd) covariance of the attention output; w_o: (C, Hd) o_proj weight."""
+        w = w_o.double()
+        c, hd = w.shape
+        units = hd // unit_size
+        w_units = w.reshape(c, units, unit_size)
+        M = torch.empty(c, units, units, dtype=torch.float64, device=w.device)
+        for v in range(units):  # one (C x Hd) product per unit keeps the memory at C*Hd, not C*Hd*U
+            cols = slice(v * unit_size, (v + 1) * unit_size)
+            t_v = (w[:, cols] @ cov_a[cols, :]).reshape(c, units, unit_size)
+            M[:, :, v] = (w_units * t_v).sum(-1)
+        M = 0.5 * (M + M.transpose(1, 2))  # exact symmetry, so swap updates stay consistent
+        r = M.sum(-1)
+        return cls(M=M, r=r, var_y=r.sum(-1))
+
+    @property
+    def num_units(self) -> int:
+        return self.M.shape[1]
+
+
+def _pearson_sum(cov_s: torch.Tensor, var_s: torch.Tensor, var_y: torch.Tensor) -> torch.Tensor:
+    """sum_c |cov_S,c| / sqrt(var_S,c var_Y,c); dims with zero variance contribute 0. Works batched."""
+    denom = torch.sqrt(torch.clamp(var_s, min=0) * var_y)
+    return torch.where(denom > _EPS, cov_s.abs() / denom.clamp(min=_EPS), torch.zeros_like(denom)).sum(-1)
+
+
+def similarity(stats: UnitStats, keep: torch.Tensor) -> float:
+    """sim(S) = sum over output dims of |pearson(Y_S, Y)| for the kept-unit mask `keep`."""
+    s = keep.to(torch.float64)
+    cov_s = stats.r @ s
+    var_s = torch.einsum("cuv,u,v->c", stats.M, s, s)
+    return float(_pearson_sum(cov_s, var_s, stats.var_y))
+
+
+def leave_one_out_scores(stats: UnitStats) -> torch.Tensor:
+    """score_u = sim(all units except u): high means removing u hurts little, so u is pruned first."""
+    M, r = stats.M, stats.r
+    diag = torch.diagonal(M, dim1=1, dim2=2)  # (C, U)
+    cov_s = stats.var_y[:, None] - r  # cov(Y - Y_u, Y)
+    var_s = stats.var_y[:, None] - 2 * r + diag  # var(Y - Y_u)
+    return _pearson_sum(cov_s.T, var_s.T, stats.var_y[None, :])
+
+
+def initial_keep(scores: torch.Tensor, buckets: torch.Tensor, prune_per_bucket: int) -> torch.Tensor:
+    """In every bucket prune the `prune_per_bucket` units with the highest leave-one-out score."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    for b in buckets.unique():
+        members = (buckets == b).nonzero().flatten()
+        order = torch.argsort(scores[members], descending=True, stable=True)
+        keep[members[order[:prune_per_bucket]]] = False
+    return keep
+
+
+def greedy_swap(stats: UnitStats, keep: torch.Tensor, buckets: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """The greedy search of METHOD.md: for each initially pruned unit p, try swapping it with every
+    kept unit k of the same bucket and apply the swap that most increases sim(S), if any does.
+
+    Swaps are evaluated in closed form from M: with q = M s (s the kept indicator),
+    var' = var + 2(q_p - q_k) + M_pp + M_kk - 2 M_pk and cov' = cov + r_p - r_k, for all k at once.
+    Returns the new mask and the similarity after each step (starting value first): non-decreasing.
+    """
+    keep = keep.clone()
+    M, r = stats.M, stats.r
+    s = keep.to(torch.float64)
+    q = torch.einsum("cuv,v->cu", M, s)
+    cov_s, var_s = r @ s, q @ s
+    history = [float(_pearson_sum(cov_s, var_s, stats.var_y))]
+    for p in (~keep).nonzero().flatten().tolist():
+        cands = (keep & (buckets == buckets[p])).nonzero().flatten()
+        if cands.numel() == 0:
+            continue
+        cov_new = cov_s[:, None] + r[:, p, None] - r[:, cands]
+        var_new = (var_s[:, None] + 2 * (q[:, p, None] - q[:, cands])
+                   + M[:, p, p, None] + M[:, cands, cands] - 2 * M[:, p, cands])
+        sims = _pearson_sum(cov_new.T, var_new.T, stats.var_y[None, :])
+        best = int(torch.argmax(sims))
+        if sims[best] <= history[-1] * (1 + 1e-12):
+            history.append(history[-1])
+            continue
+        k = int(cands[best])
+        keep[p], keep[k] = True, False
+        q += M[:, :, p] - M[:, :, k]
+        cov_s, var_s = cov_new[:, best], var_new[:, best]
+        history.append(float(sims[best]))
+    return keep, history
+
+
+# ----------------------------------------------------------------------------------------------
+# FFN channels
+# ----------------------------------------------------------------------------------------------
+
+
+def feature_space_weights(cov_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA of the FFN output: eigenvectors V (C x C) and smoothed weights w_k = sigmoid(|l_k| / mean|l|)."""
+    eigvals, eigvecs = torch.linalg.eigh(cov_y)
+    mag = eigvals.abs()
+    return eigvecs, torch.sigmoid(mag / mag.mean().clamp(min=_EPS))
+
+
+def channel_scores(
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    x_sq_sum: torch.Tensor,
+    z_sq_sum: torch.Tensor,
+    cov_y: torch.Tensor | None,
+) -> torch.Tensor:
+    """Channel score I_gate + I_up + I_down (METHOD.md section 3), float64, length I.
+
+    x_sq_sum: per-feature sum of squares of the FFN input (C); z_sq_sum: per-channel sum of squares of
+    act(gate) * up (I). With cov_y None (the --no-feature-space ablation) I_down uses the plain norm of
+    the down vector, i.e. no eigenbasis weighting.
+    """
+    n_x = x_sq_sum.double().sqrt()
+    i_gate = torch.linalg.vector_norm(w_gate.double() * n_x, dim=1)
+    i_up = torch.linalg.vector_norm(w_up.double() * n_x, dim=1)
+    u = w_down.double().T  # (I, C): row i is channel i's down vector
+    if cov_y is None:
+        q_norm = torch.linalg.vector_norm(u, dim=1)
+    else:
+        eigvecs, weights = feature_space_weights(cov_y)
+        q_norm = torch.linalg.vector_norm((u @ eigvecs).abs() * weights, dim=1)
+    i_down = z_sq_sum.double().sqrt() * q_norm
+    return i_gate + i_up + i_down
+
+
+def lowest_channels(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` lowest-scoring channels (stable, so ties break by index)."""
+    return torch.argsort(scores, stable=True)[:count]
