@@ -207,7 +207,8 @@ def _prune_attention(layer, stored, cache: _AttentionCache, hidden, plan, units,
             keep_units = _select_heads(stats, plan, units, switches, report)
         if switches.regression:
             with timer.phase("regression"):
-                fit = _attention_fit(stats, keep_units.to(runtime.device), w_o, b_o, cache.moments.mean(), head_dim, units)
+                keep_dev = keep_units.to(runtime.device)
+                fit = _attention_fit(stats, keep_dev, w_o, b_o, cache.moments.mean(), head_dim, units)
                 report["o_proj_fit"] = fit.summary()
     heads = _kept_heads(keep_units, units)
     cols = _rows(heads, head_dim).to(runtime.device)

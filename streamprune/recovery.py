@@ -29,7 +29,9 @@ class RegressionFit:
         }
 
 
-def fit_from_moments(mean_x: torch.Tensor, mean_y: torch.Tensor, var_x: torch.Tensor, cov_xy: torch.Tensor) -> RegressionFit:
+def fit_from_moments(
+    mean_x: torch.Tensor, mean_y: torch.Tensor, var_x: torch.Tensor, cov_xy: torch.Tensor
+) -> RegressionFit:
     """a = cov(x, y) / var(x), b = mean(y) - a mean(x); a dim with var(x) = 0 gets a = 1, b = mean diff."""
     flat = var_x <= _VAR_EPS * (1 + mean_x.abs() ** 2)
     a = torch.where(flat, torch.ones_like(var_x), cov_xy / torch.where(flat, torch.ones_like(var_x), var_x))
