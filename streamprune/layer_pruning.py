@@ -237,7 +237,7 @@ def _attention_fit(stats: UnitStats, keep: torch.Tensor, w_o, b_o, mean_a, head_
     mean_y = w_o @ mean_a
     if b_o is not None:
         mean_x, mean_y = mean_x + b_o, mean_y + b_o
-    return fit_from_moments(mean_x, mean_y, var_x, cov_xy)
+    return fit_from_moments(mean_x, mean_y, var_x, cov_xy, stats.var_y)
 
 
 def _write_attention(stored, out, spec, prefix, heads, keep_units, units: HeadUnits, head_dim, n_heads,

@@ -19,6 +19,8 @@ _VAR_EPS = 1e-20
 class RegressionFit:
     scale: torch.Tensor  # a, (C,) float64
     shift: torch.Tensor  # b, (C,) float64
+    mse_removed: float  # mean over tokens and dims of (x - y)^2: plain removal
+    mse_recovered: float  # the same for a x + b
 
     def summary(self) -> dict:
         a, b = self.scale, self.shift
@@ -26,16 +28,25 @@ class RegressionFit:
             "a_mean": float(a.mean()), "a_std": float(a.std()) if a.numel() > 1 else 0.0,
             "a_min": float(a.min()), "a_max": float(a.max()),
             "b_mean": float(b.mean()), "b_abs_mean": float(b.abs().mean()),
+            "mse_removed": self.mse_removed, "mse_recovered": self.mse_recovered,
         }
 
 
 def fit_from_moments(
-    mean_x: torch.Tensor, mean_y: torch.Tensor, var_x: torch.Tensor, cov_xy: torch.Tensor
+    mean_x: torch.Tensor, mean_y: torch.Tensor, var_x: torch.Tensor, cov_xy: torch.Tensor, var_y: torch.Tensor
 ) -> RegressionFit:
-    """a = cov(x, y) / var(x), b = mean(y) - a mean(x); a dim with var(x) = 0 gets a = 1, b = mean diff."""
+    """a = cov(x, y) / var(x), b = mean(y) - a mean(x); a dim with var(x) = 0 gets a = 1, b = mean diff.
+
+    Population moments (divided by N). The mean squared errors before and after follow from the same
+    moments: E(x - y)^2 = var_x + var_y - 2 cov + (mean_x - mean_y)^2 and E(ax + b - y)^2 =
+    var_y - 2a cov + a^2 var_x.
+    """
     flat = var_x <= _VAR_EPS * (1 + mean_x.abs() ** 2)
     a = torch.where(flat, torch.ones_like(var_x), cov_xy / torch.where(flat, torch.ones_like(var_x), var_x))
-    return RegressionFit(scale=a, shift=mean_y - a * mean_x)
+    before = var_x + var_y - 2 * cov_xy + (mean_x - mean_y) ** 2
+    after = (var_y - 2 * a * cov_xy + a * a * var_x).clamp(min=0)
+    return RegressionFit(scale=a, shift=mean_y - a * mean_x, mse_removed=float(before.mean()),
+                         mse_recovered=float(after.mean()))
 
 
 class RegressionSums:
@@ -43,7 +54,7 @@ class RegressionSums:
 
     def __init__(self, dim: int, device: torch.device):
         z = lambda: torch.zeros(dim, dtype=torch.float64, device=device)  # noqa: E731
-        self.n, self.sx, self.sy, self.sxx, self.sxy = 0, z(), z(), z(), z()
+        self.n, self.sx, self.sy, self.sxx, self.sxy, self.syy = 0, z(), z(), z(), z(), z()
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).double()
@@ -53,11 +64,12 @@ class RegressionSums:
         self.sy += y.sum(0)
         self.sxx += (x * x).sum(0)
         self.sxy += (x * y).sum(0)
+        self.syy += (y * y).sum(0)
 
     def fit(self) -> RegressionFit:
         n = self.n
         mx, my = self.sx / n, self.sy / n
-        return fit_from_moments(mx, my, self.sxx / n - mx * mx, self.sxy / n - mx * my)
+        return fit_from_moments(mx, my, self.sxx / n - mx * mx, self.sxy / n - mx * my, self.syy / n - my * my)
 
 
 def apply_fit(weight: torch.Tensor, bias: torch.Tensor | None, fit: RegressionFit) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,8 @@ class MomentAccumulator:
         self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
     def add(self, rows: torch.Tensor) -> None:
-        rows = rows.reshape(-1, rows.shape[-1]).float()
+        rows = rows.reshape(-1, rows.shape[-1])
+        rows = rows if rows.dtype == torch.float64 else rows.float()
         self.count += rows.shape[0]
         self.sum += rows.sum(0, dtype=torch.float64)
         self.gram += (rows.T @ rows).double()

@@ -1,0 +1,135 @@
+"""Command line: `streamprune run | eval | demo | report | batch`.
+
+Every command turns a `StreamPruneError` (bad input, missing files, interruption) into a one-line
+message on stderr and a non-zero exit; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from collections.abc import Callable
+
+import click
+
+from .errors import StreamPruneError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def friendly_errors(func: Callable) -> Callable:
+    """Run a command body; print one line per failure instead of a traceback unless --debug."""
+
+    @functools.wraps(func)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except StreamPruneError as exc:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USAGE if "interrupted" not in str(exc) else EXIT_INTERRUPTED)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; run the same command again to resume", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as exc:  # noqa: BLE001 - last resort: still one line, details on request
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", err=True)
+            sys.exit(1)
+
+    return click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")(wrapper)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="streamprune")
+def main() -> None:
+    """Layer-streaming SlimLLM structured pruning for LLaMA, Mistral and Qwen2 checkpoints."""
+
+
+def run_options(func: Callable) -> Callable:
+    """The pruning options shared by `run` (and by batch manifests, which use the same names)."""
+    options = [
+        click.option("--ratio", type=float, required=True,
+                     help="Fraction of the model's TOTAL parameters to remove (0.2 = 20 %)."),
+        click.option("--calib", default="wikitext:wikitext-2-raw-v1:train", show_default=True,
+                     help="Calibration text: a .txt/.jsonl/.json/.parquet file, a datasets spec "
+                          "'name[:config][:split]' (needs the Hub), or 'self' to sample text from the model "
+                          "itself (loads the whole model; for models that fit in memory)."),
+        click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration sequences."),
+        click.option("--seqlen", type=int, default=128, show_default=True, help="Tokens per calibration sequence."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option("--dtype", default="auto", show_default=True,
+                     help="Compute dtype: auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16. "
+                          "Statistics are always accumulated in float64."),
+        click.option("--alpha", type=float, default=None,
+                     help="Softmax temperature of the layer ratios [default: 10 below 35 %, else 7]."),
+        click.option("--layers", "num_pruned_layers", type=int, default=None,
+                     help="Number of layers to prune (most redundant first) [default: 26/32 of the layers at "
+                          "20 %, 30/32 at 50 %, interpolated]."),
+        click.option("--gqa-mode", type=click.Choice(["heads", "groups"]), default="heads", show_default=True,
+                     help="Grouped-query attention: prune the same number of query heads in every KV group "
+                          "(heads) or whole KV groups with their k/v heads (groups)."),
+        click.option("--batch-size", type=int, default=8, show_default=True,
+                     help="Calibration sequences per forward (memory vs speed; results change only by float rounding)."),
+        click.option("--no-greedy", "greedy", is_flag=True, flag_value=False, default=True,
+                     help="Ablation: skip the greedy head-swap search."),
+        click.option("--no-feature-space", "feature_space", is_flag=True, flag_value=False, default=True,
+                     help="Ablation: score FFN channels by plain down-vector norms instead of the PCA basis."),
+        click.option("--uniform", is_flag=True, help="Ablation: same ratio in every layer (skips the dense pass)."),
+        click.option("--no-regression", "regression", is_flag=True, flag_value=False, default=True,
+                     help="Ablation: no linear-regression recovery of o_proj / down_proj."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
+@run_options
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR (only once the new model is complete).")
+@click.option("--restart", is_flag=True, help="Discard an unfinished run of OUT_DIR instead of resuming it.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the summary line.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON on stdout.")
+@friendly_errors
+def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, quiet: bool, as_json: bool, **options) -> None:
+    """Prune MODEL_DIR into OUT_DIR, streaming one decoder layer at a time.
+
+    An interrupted run (Ctrl-C, kill, power loss) resumes from the last finished layer when the same
+    command is run again. OUT_DIR appears only when the pruned model is complete and verified.
+    """
+    import json
+
+    from .engine import PruneOptions, StreamingPruner
+
+    result = StreamingPruner(model_dir, out_dir, PruneOptions(**options), overwrite=overwrite, restart=restart,
+                             quiet=quiet).run()
+    r = result.report
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(
+        f"pruned {r['params_before']:,} -> {r['params_after']:,} parameters "
+        f"({r['achieved_ratio']:.2%} removed, target {options['ratio']:.2%}) in "
+        f"{r['timings_seconds']['total_this_process']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB -> {out_dir}"
+    )
+
+
+def _register_optional_commands() -> None:
+    """Commands living in their own modules; each registers itself on `main` when imported."""
+    import importlib
+
+    for module in ("evaluation_cli", "demo", "report", "batch"):
+        try:
+            importlib.import_module(f"streamprune.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"streamprune.{module}":
+                raise
+
+
+_register_optional_commands()

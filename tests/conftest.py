@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny models are built once per session (they take a second each)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.tiny_models import make_tiny_model, write_calib_text
+
+# The suite must never reach the Hub; make any accidental attempt fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+CALIB = {"nsamples": 8, "seqlen": 16, "quiet": True, "dtype": "float32"}
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Factory: models(name) -> folder, cached per session. Names are keys of MODEL_SPECS."""
+    root = tmp_path_factory.mktemp("models")
+    cache: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = make_tiny_model(root / name, **MODEL_SPECS[name])
+        return cache[name]
+
+    return get
+
+
+MODEL_SPECS = {
+    "llama-mha": {"family": "llama"},
+    "llama-gqa": {"family": "llama", "kv_heads": 4},
+    "llama-tied": {"family": "llama", "kv_heads": 2, "tie": True},
+    "mistral-gqa": {"family": "mistral", "kv_heads": 2},
+    "qwen2-gqa": {"family": "qwen2", "kv_heads": 4},
+    "llama-sharded": {"family": "llama", "kv_heads": 4, "max_shard_size": "60KB"},
+    "llama-fp16": {"family": "llama", "kv_heads": 4, "dtype": torch.float16},
+}
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory):
+    return write_calib_text(tmp_path_factory.mktemp("calib") / "calib.txt")

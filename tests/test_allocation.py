@@ -1,0 +1,57 @@
+"""Per-layer ratio allocation."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamprune.allocation import default_num_pruned_layers, layer_multipliers, solve_allocation
+from streamprune.architecture import read_shape
+from streamprune.errors import StreamPruneError
+
+LLAMA7B = {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+           "num_key_value_heads": 32, "intermediate_size": 11008, "vocab_size": 32000}
+LLAMA7B_PARAMS = 6_738_415_616
+SMOLLM2 = {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True}
+SMOLLM2_PARAMS = 134_515_008
+
+
+def _scores(n):
+    return [0.80 + 0.15 * (i / (n - 1)) - 0.3 * (i == 0) for i in range(n)]  # first layer least redundant
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.35, 0.5])
+@pytest.mark.parametrize(("config", "params"), [(LLAMA7B, LLAMA7B_PARAMS), (SMOLLM2, SMOLLM2_PARAMS)])
+def test_target_hit_within_half_a_percent(config, params, ratio):
+    shape = read_shape(config)
+    alloc = solve_allocation(shape, params, ratio, _scores(shape.num_layers))
+    assert abs(alloc.achieved_ratio - ratio) < 0.005
+    assert sum(p.multiplier > 0 for p in alloc.plans) == default_num_pruned_layers(ratio, shape.num_layers)
+
+
+def test_reference_layer_counts_and_multipliers():
+    assert default_num_pruned_layers(0.2, 32) == 26 and default_num_pruned_layers(0.5, 32) == 30
+    m = layer_multipliers(_scores(32), 32, 10.0, 26)
+    assert abs(sum(m) - 26) < 1e-9 and m[0] == 0  # the least redundant layer is left alone
+    assert m[31] > m[10] > 0  # more redundant layers lose more
+
+
+def test_uniform_allocation_prunes_every_layer_equally():
+    shape = read_shape(LLAMA7B)
+    alloc = solve_allocation(shape, LLAMA7B_PARAMS, 0.2, None)
+    heads = {p.prune_units_per_bucket for p in alloc.plans}
+    assert len(heads) == 1 and heads != {0}
+    assert max(p.prune_channels for p in alloc.plans) - min(p.prune_channels for p in alloc.plans) <= 1
+
+
+def test_impossible_ratio_is_refused_with_the_maximum():
+    shape = read_shape(SMOLLM2)
+    with pytest.raises(StreamPruneError, match="too large: at most"):
+        solve_allocation(shape, SMOLLM2_PARAMS, 0.9, _scores(30))
+
+
+def test_every_layer_keeps_a_head_per_group_and_a_channel():
+    shape = read_shape(SMOLLM2)
+    alloc = solve_allocation(shape, SMOLLM2_PARAMS, 0.6, _scores(30))
+    for plan in alloc.plans:
+        assert plan.prune_units_per_bucket <= 2 and plan.prune_channels <= 1535

@@ -1,0 +1,134 @@
+"""The streaming engine end to end on tiny random models: targets, loading, generation, inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import streamprune
+from tests.conftest import CALIB
+
+IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]])
+
+
+def _load_tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
+def _param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # transformers dedupes tied weights
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-gqa", "llama-tied"])
+def test_ratio_zero_reproduces_the_input_model(models, calib_file, tmp_path, name):
+    src = models(name)
+    streamprune.prune(src, tmp_path / "out", 0.0, calib=str(calib_file), **CALIB)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] != "streamprune"  # nothing pruned: a stock folder, no remote code
+    dense = AutoModelForCausalLM.from_pretrained(src)
+    same = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(dense(IDS).logits, same(IDS).logits)
+
+
+@pytest.mark.parametrize(
+    ("name", "gqa_mode", "ratio"),
+    [
+        ("llama-mha", "heads", 0.1), ("llama-mha", "heads", 0.2), ("llama-mha", "heads", 0.5),
+        ("llama-gqa", "heads", 0.2), ("llama-gqa", "heads", 0.3), ("llama-gqa", "groups", 0.2),
+        ("llama-gqa", "groups", 0.5), ("qwen2-gqa", "heads", 0.2), ("qwen2-gqa", "groups", 0.4),
+        ("llama-tied", "heads", 0.25), ("mistral-gqa", "heads", 0.2),
+    ],
+)
+def test_parameter_target_is_hit_and_output_loads(models, calib_file, tmp_path, name, gqa_mode, ratio):
+    src, out = models(name), tmp_path / "out"
+    result = streamprune.prune(src, out, ratio, calib=str(calib_file), gqa_mode=gqa_mode, **CALIB)
+    report = result.report
+    dense = AutoModelForCausalLM.from_pretrained(src)
+    pruned = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    before, after = _param_count(dense), _param_count(pruned)
+    assert report["params_before"] == before and report["params_after"] == after
+    assert abs((before - after) / before - ratio) <= 0.005
+    assert abs(report["achieved_ratio"] - ratio) <= 0.005
+    assert torch.isfinite(pruned(IDS).logits).all()
+    # Layers really differ in size, and every layer stays a valid (grouped-query) attention layer.
+    layer_cfgs = AutoConfig.from_pretrained(out, trust_remote_code=True).layer_configs
+    assert len({(c["num_attention_heads"], c["intermediate_size"]) for c in layer_cfgs}) > 1
+    for cfg in layer_cfgs:
+        assert cfg["num_attention_heads"] % cfg["num_key_value_heads"] == 0
+        assert cfg["num_attention_heads"] >= 1 and cfg["intermediate_size"] >= 1
+
+
+@pytest.mark.parametrize("name", ["llama-mha", "llama-gqa", "qwen2-gqa", "mistral-gqa"])
+def test_pruned_model_generates_with_kv_cache_in_plain_transformers(models, calib_file, tmp_path, name):
+    out = tmp_path / "out"
+    streamprune.prune(models(name), out, 0.3, calib=str(calib_file), **CALIB)
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    cached = remote.generate(IDS, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    uncached = remote.generate(IDS, max_new_tokens=8, do_sample=False, min_new_tokens=8, use_cache=False)
+    assert cached.shape == (1, IDS.shape[1] + 8)
+    assert torch.equal(cached, uncached)
+    own = streamprune.load_pruned(out)  # streamprune's own loader, no remote code
+    assert type(own).__name__ == "StreamPruneForCausalLM"
+    torch.testing.assert_close(own(IDS).logits, remote(IDS).logits, rtol=0, atol=0)
+
+
+def test_sharded_and_single_file_inputs_give_identical_outputs(models, calib_file, tmp_path):
+    single, sharded = models("llama-gqa"), models("llama-sharded")
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 3
+    assert (single / "model.safetensors").is_file()
+    for src, out in ((single, tmp_path / "a"), (sharded, tmp_path / "b")):
+        streamprune.prune(src, out, 0.25, calib=str(calib_file), **CALIB)
+    a, b = _load_tensors(tmp_path / "a"), _load_tensors(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_output_folder_layout_and_report(models, calib_file, tmp_path):
+    out = tmp_path / "out"
+    streamprune.prune(models("llama-gqa"), out, 0.3, calib=str(calib_file), **CALIB)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+            "configuration_streamprune.py", "modeling_streamprune.py", "streamprune_report.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pkl", ".tmp")) for n in names)  # never pickle, no scratch
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {n for n in names if n.endswith(".safetensors")}
+    report = streamprune.read_report(out)
+    assert len(report["layers"]) == 4
+    for layer in report["layers"]:
+        assert {"score", "plan_ratio", "heads_kept", "channels_kept", "params_before", "params_after"} <= set(layer)
+    pruned = [layer for layer in report["layers"] if layer["channels_kept"] < layer["channels_total"]]
+    assert pruned and all("down_proj_fit" in layer for layer in pruned)
+    assert report["peak_rss_mb"] > 0 and report["timings_seconds"]["read"] >= 0
+
+
+def test_regression_lowers_every_sublayer_error(models, calib_file, tmp_path):
+    report = streamprune.prune(models("llama-mha"), tmp_path / "out", 0.5, calib=str(calib_file), **CALIB).report
+    fits = [layer[k] for layer in report["layers"] for k in ("o_proj_fit", "down_proj_fit") if k in layer]
+    assert len(fits) >= 4
+    for fit in fits:
+        assert fit["mse_recovered"] <= fit["mse_removed"] * (1 + 1e-9)
+    assert any(fit["mse_recovered"] < 0.9 * fit["mse_removed"] for fit in fits)
+
+
+def test_greedy_search_never_lowers_similarity_in_a_run(models, calib_file, tmp_path):
+    report = streamprune.prune(models("llama-mha"), tmp_path / "out", 0.5, calib=str(calib_file), **CALIB).report
+    heads = [layer for layer in report["layers"] if "similarity_initial" in layer]
+    assert heads
+    for layer in heads:
+        assert layer["similarity_final"] >= layer["similarity_initial"] - 1e-9
+
+
+def test_fp16_checkpoint_is_written_in_fp16(models, calib_file, tmp_path):
+    out = tmp_path / "out"
+    streamprune.prune(models("llama-fp16"), out, 0.2, calib=str(calib_file), **CALIB)
+    tensors = _load_tensors(out)
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
