@@ -74,7 +74,7 @@ def run_options(func: Callable) -> Callable:
                      help="Grouped-query attention: prune the same number of query heads in every KV group "
                           "(heads) or whole KV groups with their k/v heads (groups)."),
         click.option("--batch-size", type=int, default=8, show_default=True,
-                     help="Calibration sequences per forward (memory vs speed; results change only by float rounding)."),
+                     help="Calibration sequences per forward (memory vs speed; results differ only by rounding)."),
         click.option("--no-greedy", "greedy", is_flag=True, flag_value=False, default=True,
                      help="Ablation: skip the greedy head-swap search."),
         click.option("--no-feature-space", "feature_space", is_flag=True, flag_value=False, default=True,
