@@ -161,3 +161,14 @@ def non_layer_tensor_names(shape: ModelShape) -> list[str]:
     if not shape.tie_word_embeddings:
         names.append("lm_head.weight")
     return names
+
+
+def folder_config(config: dict) -> tuple[StreamPruneConfig, ModelShape]:
+    """Layer config and dense shape of any folder streamprune reads: a stock family or a pruned one."""
+    if config.get("model_type") == "streamprune":
+        base = dict(config, model_type=config.get("base_model_type", "llama"))
+        shape = read_shape(base)
+        kwargs = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map")}
+        return StreamPruneConfig(**kwargs), shape
+    shape = read_shape(config)
+    return engine_config(config, shape), shape

@@ -120,16 +120,42 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, quiet: boo
     )
 
 
-def _register_optional_commands() -> None:
-    """Commands living in their own modules; each registers itself on `main` when imported."""
-    import importlib
+@main.command(name="eval")
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--text", "text_file", default=None, help="Evaluation text file (e.g. WikiText-2 test).")
+@click.option("--dataset", default=None, help="Or a datasets spec 'name[:config][:split]' (needs the Hub).")
+@click.option("--seqlen", type=int, default=128, show_default=True, help="Window length (LLM-Pruner protocol).")
+@click.option("--max-windows", type=int, default=None, help="Evaluate only the first N windows.")
+@click.option("--reference", "reference_dir", default=None, type=click.Path(file_okay=False, path_type=str),
+              help="Dense model folder: also report KL(dense || model) and top-1 agreement.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16 or bfloat16.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def eval_command(model_dir: str, text_file: str | None, dataset: str | None, seqlen: int, max_windows: int | None,
+                 reference_dir: str | None, device: str, dtype: str, batch_size: int, as_json: bool,
+                 quiet: bool) -> None:
+    """Perplexity of MODEL_DIR (dense or pruned), computed one decoder layer at a time."""
+    import json
 
-    for module in ("evaluation_cli", "demo", "report", "batch"):
-        try:
-            importlib.import_module(f"streamprune.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"streamprune.{module}":
-                raise
+    from transformers import AutoTokenizer
 
+    from .evaluation import evaluate, load_eval_text, text_windows
 
-_register_optional_commands()
+    text = load_eval_text(text_file, dataset)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise StreamPruneError(f"cannot load the tokenizer from {model_dir} ({exc})") from None
+    windows = text_windows(text, tokenizer, seqlen, max_windows)
+    result = evaluate(model_dir, windows, reference_dir=reference_dir, device=device, dtype=dtype,
+                      batch_size=batch_size, quiet=quiet)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    line = f"perplexity {result.perplexity:.3f} over {result.tokens:,} tokens ({result.windows} x {seqlen})"
+    if result.kl_from_reference is not None:
+        line += f", KL {result.kl_from_reference:.4f}, top-1 agreement {result.top1_agreement:.2%}"
+    click.echo(line)

@@ -1,0 +1,165 @@
+"""Perplexity, KL divergence and top-1 agreement, computed layer by layer.
+
+A model larger than memory is evaluated the way it is pruned: the evaluation windows' hidden states
+stay on the host, and each decoder layer is read, applied to every window batch on the compute
+device, and freed. With a reference (the dense model) both models advance in lockstep, so their
+next-token distributions can be compared at the end without storing any logits.
+
+Protocol (LLM-Pruner / SlimLLM): the whole text is tokenized once and cut into consecutive,
+non-overlapping windows of `seqlen` tokens (default 128); the remainder is dropped. Each window is
+scored independently; perplexity = exp(mean next-token NLL over all predicted positions).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from .architecture import LAYER_PREFIX, folder_config, layer_tensor_names
+from .checkpoint import CheckpointReader
+from .engine import peak_rss_mb, resolve_device, resolve_dtype
+from .errors import StreamPruneError
+from .layer_pruning import LayerRuntime, build_layer
+
+
+@dataclass
+class EvalResult:
+    perplexity: float
+    nll: float
+    tokens: int
+    windows: int
+    seqlen: int
+    kl_from_reference: float | None = None
+    top1_agreement: float | None = None
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def text_windows(text: str, tokenizer, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """(windows, seqlen) ids: the tokenized text cut into consecutive non-overlapping windows."""
+    if seqlen < 2:
+        raise StreamPruneError(f"--seqlen must be at least 2, got {seqlen}")
+    ids = tokenizer(text, return_attention_mask=False)["input_ids"]
+    n = len(ids) // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise StreamPruneError(f"the evaluation text has {len(ids)} tokens, fewer than one window of {seqlen}")
+    return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
+
+
+class StreamedModel:
+    """A model folder read one decoder layer at a time (dense or pruned)."""
+
+    def __init__(self, model_dir: str | Path):
+        self.reader = CheckpointReader(model_dir)
+        self.config, self.shape = folder_config(self.reader.config)
+        self.config._attn_implementation = "sdpa"
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        weight = self.reader.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+        return weight[ids].float()
+
+    def layer(self, i: int, runtime: LayerRuntime):
+        spec = self.config.layer_spec(i)
+        tensors = self.reader.read(layer_tensor_names(i, spec))
+        assert all(name.startswith(LAYER_PREFIX.format(i)) for name in tensors)
+        return build_layer(self.config, i, tensors, runtime)
+
+    def head(self, runtime: LayerRuntime) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final norm weight and lm_head weight (the embedding when tied) on the compute device."""
+        name = "model.embed_tokens.weight" if self.shape.tie_word_embeddings else "lm_head.weight"
+        t = self.reader.read(["model.norm.weight", name])
+        return (t["model.norm.weight"].to(runtime.device, runtime.dtype), t[name].to(runtime.device, runtime.dtype))
+
+
+def _runtime(config, device: torch.device, dtype: torch.dtype, seqlen: int, batch_size: int) -> LayerRuntime:
+    rotary = LlamaRotaryEmbedding(config).to(device)
+    probe = torch.empty(1, dtype=dtype, device=device)
+    cos, sin = rotary(probe, torch.arange(seqlen, device=device)[None, :])
+    return LayerRuntime(device, dtype, batch_size, (cos, sin))
+
+
+@torch.no_grad()
+def _advance(layer, hidden: torch.Tensor, runtime: LayerRuntime) -> None:
+    for sl in runtime.batches(hidden.shape[0]):
+        x = hidden[sl].to(runtime.device, runtime.dtype)
+        hidden[sl] = layer(x, position_embeddings=runtime.position_embeddings).float().to(hidden.device)
+
+
+def _log_probs(hidden: torch.Tensor, head, eps: float) -> torch.Tensor:
+    norm_w, lm_w = head
+    x = hidden.to(lm_w.device, torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    logits = F.linear((x.to(lm_w.dtype) * norm_w), lm_w)
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def evaluate(model_dir: str | Path, windows: torch.Tensor, *, reference_dir: str | Path | None = None,
+             device: str = "cpu", dtype: str = "auto", batch_size: int = 8, quiet: bool = True) -> EvalResult:
+    """Layer-streamed perplexity of `model_dir` on `windows`, plus KL / agreement against a reference."""
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    cdtype = resolve_dtype(dtype, dev)
+    models = [StreamedModel(model_dir)] + ([StreamedModel(reference_dir)] if reference_dir else [])
+    seqlen = windows.shape[1]
+    runtimes = [_runtime(m.config, dev, cdtype, seqlen, batch_size) for m in models]
+    hiddens = [m.embed(windows) for m in models]
+    depth = max(m.num_layers for m in models)
+    for i in tqdm(range(depth), desc="eval", unit="layer", disable=quiet):
+        for m, rt, h in zip(models, runtimes, hiddens, strict=True):
+            if i < m.num_layers:
+                layer = m.layer(i, rt)
+                _advance(layer, h, rt)
+                del layer
+    heads = [m.head(rt) for m, rt in zip(models, runtimes, strict=True)]
+    eps = [m.config.rms_norm_eps for m in models]
+    nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
+    for sl in runtimes[0].batches(windows.shape[0]):
+        targets = windows[sl, 1:].to(dev)
+        logp = _log_probs(hiddens[0][sl], heads[0], eps[0])[:, :-1]
+        nll_sum += float(-logp.gather(-1, targets[..., None]).double().sum())
+        count += targets.numel()
+        if reference_dir:
+            ref = _log_probs(hiddens[1][sl], heads[1], eps[1])[:, :-1]
+            kl_sum += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
+            agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+    nll = nll_sum / count
+    result = EvalResult(
+        perplexity=float(torch.exp(torch.tensor(nll, dtype=torch.float64))), nll=nll, tokens=count,
+        windows=windows.shape[0], seqlen=seqlen, seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
+    )
+    if reference_dir:
+        result.kl_from_reference, result.top1_agreement = kl_sum / count, agree / count
+    return result
+
+
+def load_eval_text(text_file: str | None, dataset: str | None) -> str:
+    """The evaluation text: a local file, or a `datasets` spec joined with blank lines (LLM-Pruner style)."""
+    if bool(text_file) == bool(dataset):
+        raise StreamPruneError("pass exactly one of --text FILE or --dataset NAME")
+    if text_file:
+        path = Path(text_file)
+        if not path.is_file():
+            raise StreamPruneError(f"evaluation text {path} not found")
+        return path.read_text(encoding="utf-8", errors="replace")
+    from .calibration import CalibrationError, load_calibration_text
+
+    try:
+        return "\n\n".join(load_calibration_text(dataset))
+    except CalibrationError as exc:
+        raise StreamPruneError(str(exc)) from None

@@ -1,0 +1,72 @@
+"""Layer-streamed evaluation against direct full-model computations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import streamprune
+from streamprune.cli import main
+from streamprune.evaluation import evaluate, text_windows
+from tests.conftest import CALIB
+from tests.tiny_models import CALIB_TEXT
+
+
+def _direct_perplexity(model_dir, windows, **kwargs) -> float:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs).eval()
+    with torch.no_grad():
+        logits = model(windows).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    return math.exp(float(nll))
+
+
+@pytest.fixture(scope="module")
+def windows(models):
+    tokenizer = AutoTokenizer.from_pretrained(models("llama-gqa"))
+    return text_windows(CALIB_TEXT, tokenizer, 16)
+
+
+def test_windows_are_consecutive_and_non_overlapping(models):
+    tokenizer = AutoTokenizer.from_pretrained(models("llama-gqa"))
+    ids = tokenizer(CALIB_TEXT)["input_ids"]
+    w = text_windows(CALIB_TEXT, tokenizer, 16)
+    assert w.shape == (len(ids) // 16, 16)
+    assert w.flatten().tolist() == ids[: w.numel()]
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-gqa", "llama-tied"])
+def test_streamed_perplexity_equals_full_model(models, windows, name):
+    result = evaluate(models(name), windows, batch_size=3, dtype="float32")
+    assert result.tokens == windows.shape[0] * 15
+    assert result.perplexity == pytest.approx(_direct_perplexity(models(name), windows), rel=1e-5)
+
+
+def test_pruned_model_perplexity_kl_and_agreement(models, windows, calib_file, tmp_path):
+    dense = models("llama-gqa")
+    out = tmp_path / "out"
+    streamprune.prune(dense, out, 0.3, calib=str(calib_file), **CALIB)
+    pruned = evaluate(out, windows, reference_dir=dense, dtype="float32")
+    assert pruned.perplexity == pytest.approx(_direct_perplexity(out, windows, trust_remote_code=True), rel=1e-5)
+    assert pruned.kl_from_reference > 1e-4 and 0 < pruned.top1_agreement < 1
+    itself = evaluate(dense, windows, reference_dir=dense, dtype="float32")
+    assert abs(itself.kl_from_reference) < 1e-6 and itself.top1_agreement == 1.0
+
+
+def test_eval_cli_json(models, tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text(CALIB_TEXT)
+    result = CliRunner().invoke(main, ["eval", str(models("llama-gqa")), "--text", str(text), "--seqlen", "16",
+                                       "--json", "--quiet", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["perplexity"] > 1 and data["windows"] > 3
+
+
+def test_eval_cli_needs_a_text(models):
+    result = CliRunner().invoke(main, ["eval", str(models("llama-gqa"))])
+    assert result.exit_code == 2 and "pass exactly one of --text FILE or --dataset NAME" in result.output
