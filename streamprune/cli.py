@@ -75,6 +75,8 @@ def run_options(func: Callable) -> Callable:
                           "(heads) or whole KV groups with their k/v heads (groups)."),
         click.option("--batch-size", type=int, default=8, show_default=True,
                      help="Calibration sequences per forward (memory vs speed; results differ only by rounding)."),
+        click.option("--no-prefetch", "prefetch", is_flag=True, flag_value=False, default=True,
+                     help="Read each layer only when needed instead of overlapping the read with compute."),
         click.option("--no-greedy", "greedy", is_flag=True, flag_value=False, default=True,
                      help="Ablation: skip the greedy head-swap search."),
         click.option("--no-feature-space", "feature_space", is_flag=True, flag_value=False, default=True,

@@ -18,6 +18,7 @@ import resource
 import shutil
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,7 @@ class PruneOptions:
     uniform: bool = False
     regression: bool = True
     batch_size: int = 8
+    prefetch: bool = True
 
     def switches(self) -> MethodSwitches:
         return MethodSwitches(greedy=self.greedy, feature_space=self.feature_space, regression=self.regression)
@@ -143,7 +145,8 @@ def model_fingerprint(reader: CheckpointReader) -> str:
 
 def run_fingerprint(reader: CheckpointReader, options: PruneOptions) -> dict:
     opts = asdict(options)
-    opts.pop("batch_size")  # batching changes speed, not results, beyond float summation order
+    for speed_only in ("batch_size", "prefetch"):  # change speed, not results (beyond float summation order)
+        opts.pop(speed_only)
     return {"format": FORMAT_VERSION, "model": model_fingerprint(reader), "options": opts}
 
 
@@ -199,6 +202,33 @@ class _StopFlag:
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
+
+
+class LayerPrefetcher:
+    """Reads layer i+1 on a background thread while layer i is computed (disk and compute overlap).
+
+    At most two layers are in host memory: the one being pruned and the one being read. Safetensors
+    reads and torch copies release the GIL, so one worker thread is enough to hide most of the read.
+    """
+
+    def __init__(self, read_layer, num_layers: int, enabled: bool = True):
+        self.read_layer, self.num_layers, self.enabled = read_layer, num_layers, enabled
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamprune-read") if enabled else None
+        self._pending: dict[int, Future] = {}
+
+    def get(self, i: int) -> dict[str, torch.Tensor]:
+        future = self._pending.pop(i, None)
+        tensors = future.result() if future is not None else self.read_layer(i)
+        if self._pool is not None and i + 1 < self.num_layers:
+            self._pending[i + 1] = self._pool.submit(self.read_layer, i + 1)
+        return tensors
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for future in self._pending.values():
+                future.cancel()
+            self._pool.shutdown(wait=True)
+        self._pending.clear()
 
 
 def peak_rss_mb() -> float:
@@ -332,9 +362,16 @@ class StreamingPruner:
 
     # -- passes ---------------------------------------------------------------------------------
 
-    def _layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
+    def _read_layer(self, i: int) -> dict[str, torch.Tensor]:
+        return self.reader.read(layer_tensor_names(i, self.shape.dense_layer_spec()))
+
+    def _layer_tensors(self, prefetcher: LayerPrefetcher, i: int) -> dict[str, torch.Tensor]:
+        """The layer's tensors; 'read' is the time compute waited for the disk (near 0 when prefetch hides it)."""
         with self.timer.phase("read"):
-            return self.reader.read(layer_tensor_names(i, self.shape.dense_layer_spec()))
+            return prefetcher.get(i)
+
+    def _phase_delta(self, before: dict[str, float]) -> dict[str, float]:
+        return {k: v - before.get(k, 0.0) for k, v in self.timer.seconds.items() if v - before.get(k, 0.0) > 0}
 
     def _pass1_scores(self, state: RunState, ids: torch.Tensor) -> list[float]:
         """Dense pass: s_l = mean over tokens of cos(x_l, y_l)."""
@@ -346,14 +383,20 @@ class StreamingPruner:
         runtime = self._runtime(hidden)
         bar = tqdm(range(len(scores), L), desc="pass 1/2 (dense scores)", disable=self.quiet, unit="layer",
                    initial=len(scores), total=L)
-        for i in bar:
-            layer = build_layer(self.dense_config, i, self._layer_tensors(i), runtime)
-            with self.timer.phase("dense_forward"):
-                scores.append(dense_forward(layer, hidden, runtime))
-            del layer
-            self._check_finite(hidden, i)
-            self._save_hidden(state, hidden, f"p1-{i:05d}")
-            self._check_stop(i, "pass 1")
+        prefetcher = LayerPrefetcher(self._read_layer, L, self.options.prefetch)
+        try:
+            for i in bar:
+                before = dict(self.timer.seconds)
+                layer = build_layer(self.dense_config, i, self._layer_tensors(prefetcher, i), runtime)
+                with self.timer.phase("dense_forward"):
+                    scores.append(dense_forward(layer, hidden, runtime))
+                del layer
+                self._check_finite(hidden, i)
+                state.data.setdefault("pass1_seconds", []).append(self._phase_delta(before))
+                self._save_hidden(state, hidden, f"p1-{i:05d}")
+                self._check_stop(i, "pass 1")
+        finally:
+            prefetcher.close()
         return scores
 
     def _pass2_prune(self, state: RunState, ids: torch.Tensor, allocation: Allocation,
@@ -362,28 +405,39 @@ class StreamingPruner:
         L = self.shape.num_layers
         hidden = self._load_hidden(state) if done else self._embed(ids)
         runtime = self._runtime(hidden)
-        dense_spec = self.shape.dense_layer_spec()
         bar = tqdm(range(done, L), desc="pass 2/2 (prune)", disable=self.quiet, unit="layer", initial=done, total=L)
-        for i in bar:
-            plan = allocation.plans[i]
-            stored = self._layer_tensors(i)
-            start = time.perf_counter()
+        prefetcher = LayerPrefetcher(self._read_layer, L, self.options.prefetch)
+        try:
+            for i in bar:
+                before = dict(self.timer.seconds)
+                self._prune_one(i, prefetcher, hidden, runtime, allocation, writer, state)
+                state.data["layer_reports"][-1]["seconds"] = self._phase_delta(before)
+                dense = state.data.get("pass1_seconds", [])
+                if i < len(dense):
+                    state.data["layer_reports"][-1]["seconds"]["pass1_dense_forward"] = dense[i].get("dense_forward")
+                state.data["pass2_done"] = i + 1
+                self._save_hidden(state, hidden, f"p2-{i:05d}")
+                self._check_stop(i, "pass 2")
+        finally:
+            prefetcher.close()
+
+    def _prune_one(self, i, prefetcher, hidden, runtime, allocation, writer, state) -> None:
+        plan = allocation.plans[i]
+        stored = self._layer_tensors(prefetcher, i)
+        dense_spec = self.shape.dense_layer_spec()
+        with self.timer.phase("build"):
             layer = build_layer(self.dense_config, i, stored, runtime)
-            result = prune_layer(layer, stored, hidden, plan, self.units, dense_spec, self.options.switches(),
-                                 runtime, self.timer)
-            del layer, stored
-            self._check_finite(hidden, i)
-            compute_s = time.perf_counter() - start
-            with self.timer.phase("write"):
-                writer.write(i + 1, result.tensors)
-            result.report.update(plan_ratio=plan.ratio, score=plan.score, compute_seconds=compute_s,
-                                 params_before=_layer_params(self.shape, dense_spec),
-                                 params_after=_layer_params(self.shape, result.spec))
-            state.data["layer_specs"].append(result.spec)
-            state.data["layer_reports"].append(result.report)
-            state.data["pass2_done"] = i + 1
-            self._save_hidden(state, hidden, f"p2-{i:05d}")
-            self._check_stop(i, "pass 2")
+        result = prune_layer(layer, stored, hidden, plan, self.units, dense_spec, self.options.switches(),
+                             runtime, self.timer)
+        del layer, stored
+        self._check_finite(hidden, i)
+        with self.timer.phase("write"):
+            writer.write(i + 1, result.tensors)
+        result.report.update(plan_ratio=plan.ratio, score=plan.score,
+                             params_before=_layer_params(self.shape, dense_spec),
+                             params_after=_layer_params(self.shape, result.spec))
+        state.data["layer_specs"].append(result.spec)
+        state.data["layer_reports"].append(result.report)
 
     def _copy_non_layer(self, writer: ShardWriter) -> None:
         """Embeddings, final norm and lm_head, each in its own shard, one tensor in memory at a time."""
