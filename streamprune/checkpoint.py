@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import StreamPruneError
+from .faults import fault_point
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -201,10 +202,14 @@ class ShardWriter:
         contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         try:
             save_file(contiguous, str(tmp), metadata={"format": "pt"})
+            fault_point(f"write:{shard_index}")
             os.replace(tmp, final)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:
             tmp.unlink(missing_ok=True)
-            raise StreamPruneError(f"writing {final.name} failed ({exc.strerror or exc}); free disk space") from None
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise StreamPruneError(
+                f"writing {final.name} failed ({reason}); free disk space and run the same command again to resume"
+            ) from None
 
     def write_index(self) -> dict[str, tuple[int, ...]]:
         """Index every shard present; returns name -> shape for verification."""

@@ -52,8 +52,8 @@ def main() -> None:
 def run_options(func: Callable) -> Callable:
     """The pruning options shared by `run` (and by batch manifests, which use the same names)."""
     options = [
-        click.option("--ratio", type=float, required=True,
-                     help="Fraction of the model's TOTAL parameters to remove (0.2 = 20 %)."),
+        click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), required=True,
+                     help="Fraction of the model's TOTAL parameters to remove, above 0 and below 1 (0.2 = 20 %)."),
         click.option("--calib", default="wikitext:wikitext-2-raw-v1:train", show_default=True,
                      help="Calibration text: a .txt/.jsonl/.json/.parquet file, a datasets spec "
                           "'name[:config][:split]' (needs the Hub), or 'self' to sample text from the model "
@@ -161,3 +161,16 @@ def eval_command(model_dir: str, text_file: str | None, dataset: str | None, seq
     if result.kl_from_reference is not None:
         line += f", KL {result.kl_from_reference:.4f}, top-1 agreement {result.top1_agreement:.2%}"
     click.echo(line)
+
+
+@main.command(name="report")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--png", default=None, help="Where to write the figure [default: OUT_DIR/streamprune_report.png].")
+@friendly_errors
+def report_command(out_dir: str, png: str | None) -> None:
+    """Show a pruned folder's run report as a table and render it as a PNG figure."""
+    from .report import render_report
+
+    table, path = render_report(out_dir, png)
+    click.echo(table)
+    click.echo(f"figure: {path}")

@@ -11,6 +11,7 @@ completed layer and OUT_DIR appears (by rename) only once every shard is written
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ from .architecture import (
 )
 from .checkpoint import INDEX_NAME, CheckpointReader, ShardWriter, copy_aux_files, read_json, write_json
 from .errors import StreamPruneError
+from .faults import fault_point
 from .layer_pruning import LayerRuntime, MethodSwitches, Timer, build_layer, dense_forward, prune_layer
 from .modeling import AUTO_MAP, REMOTE_CODE_FILES
 
@@ -386,6 +388,7 @@ class StreamingPruner:
         prefetcher = LayerPrefetcher(self._read_layer, L, self.options.prefetch)
         try:
             for i in bar:
+                fault_point(f"pass1:{i}")
                 before = dict(self.timer.seconds)
                 layer = build_layer(self.dense_config, i, self._layer_tensors(prefetcher, i), runtime)
                 with self.timer.phase("dense_forward"):
@@ -431,6 +434,7 @@ class StreamingPruner:
                              runtime, self.timer)
         del layer, stored
         self._check_finite(hidden, i)
+        fault_point(f"pass2:{i}")
         with self.timer.phase("write"):
             writer.write(i + 1, result.tensors)
         result.report.update(plan_ratio=plan.ratio, score=plan.score,
@@ -478,6 +482,7 @@ class StreamingPruner:
         write_json(self.staging / REPORT_NAME, report)
         for scratch in self.staging.glob("hidden-*.safetensors"):
             scratch.unlink()
+        fault_point("finalize")
         for name in (STATE_NAME, "calibration.safetensors"):
             (self.staging / name).unlink(missing_ok=True)
         self._publish()
@@ -509,6 +514,17 @@ class StreamingPruner:
     # -- entry point ----------------------------------------------------------------------------
 
     def run(self) -> PruneResult:
+        try:
+            return self._run()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise StreamPruneError(
+                f"disk full while writing under {self.staging.parent}; free space and run the same command "
+                "again to resume"
+            ) from None
+
+    def _run(self) -> PruneResult:
         started = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

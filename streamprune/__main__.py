@@ -1,0 +1,5 @@
+"""`python -m streamprune` is the `streamprune` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,82 @@
+"""`streamprune report OUT_DIR`: the run report as a text table and a PNG figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .engine import read_report
+from .errors import StreamPruneError
+
+
+def report_table(report: dict) -> str:
+    """One row per layer: cosine score, planned ratio, heads / channels kept, parameters, regression a."""
+    header = f"{'layer':>5} {'cosine':>7} {'ratio':>6} {'heads':>7} {'kv':>3} {'channels':>11} " \
+             f"{'params before':>14} {'after':>12} {'o_proj a':>9} {'down a':>7}"
+    rows = [header, "-" * len(header)]
+    for layer in report["layers"]:
+        score = "-" if layer.get("score") is None else f"{layer['score']:.4f}"
+        o_fit, d_fit = layer.get("o_proj_fit"), layer.get("down_proj_fit")
+        rows.append(
+            f"{layer['layer']:>5} {score:>7} {layer['plan_ratio']:>6.3f} "
+            f"{layer['heads_kept']:>3}/{layer['heads_total']:<3} {layer['kv_heads_kept']:>3} "
+            f"{layer['channels_kept']:>5}/{layer['channels_total']:<5} {layer['params_before']:>14,} "
+            f"{layer['params_after']:>12,} {_a(o_fit):>9} {_a(d_fit):>7}"
+        )
+    rows.append("-" * len(header))
+    rows.append(f"total parameters {report['params_before']:,} -> {report['params_after']:,} "
+                f"({report['achieved_ratio']:.2%} removed, target {report['allocation']['target_ratio']:.2%})")
+    return "\n".join(rows)
+
+
+def _a(fit: dict | None) -> str:
+    return "-" if fit is None else f"{fit['a_mean']:.3f}"
+
+
+def report_figure(report: dict, path: Path) -> Path:
+    """Four panels: cosine score and ratio, heads kept, channels kept, parameters before/after."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise StreamPruneError("the figure needs matplotlib: pip install 'streamprune[demo]'") from None
+    layers = report["layers"]
+    idx = [layer["layer"] for layer in layers]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7), constrained_layout=True)
+    ax = axes[0, 0]
+    if any(layer.get("score") is not None for layer in layers):
+        ax.plot(idx, [layer.get("score") for layer in layers], "o-", color="tab:blue", label="cosine(in, out)")
+    ax.set_ylabel("input/output cosine")
+    twin = ax.twinx()
+    twin.bar(idx, [layer["plan_ratio"] for layer in layers], alpha=0.3, color="tab:red", label="ratio")
+    twin.set_ylabel("pruning ratio")
+    ax.set_title("Layer redundancy and allocated ratio")
+    _bars(axes[0, 1], idx, layers, "heads_kept", "heads_total", "Attention heads kept")
+    _bars(axes[1, 0], idx, layers, "channels_kept", "channels_total", "FFN channels kept")
+    ax = axes[1, 1]
+    ax.bar(idx, [layer["params_before"] / 1e6 for layer in layers], color="lightgray", label="before")
+    ax.bar(idx, [layer["params_after"] / 1e6 for layer in layers], color="tab:green", label="after")
+    ax.set_ylabel("parameters (M)")
+    ax.set_title("Parameters per layer")
+    ax.legend()
+    for ax in axes.flat:
+        ax.set_xlabel("layer")
+    fig.suptitle(f"{Path(report['model_dir']).name}: {report['params_before'] / 1e6:.3g}M -> "
+                 f"{report['params_after'] / 1e6:.3g}M parameters ({report['achieved_ratio']:.1%} removed)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _bars(ax, idx, layers, kept: str, total: str, title: str) -> None:
+    ax.bar(idx, [layer[total] for layer in layers], color="lightgray", label="before")
+    ax.bar(idx, [layer[kept] for layer in layers], color="tab:blue", label="kept")
+    ax.set_title(title)
+    ax.legend()
+
+
+def render_report(out_dir: str | Path, png: str | Path | None = None) -> tuple[str, Path]:
+    report = read_report(out_dir)
+    path = Path(png) if png else Path(out_dir) / "streamprune_report.png"
+    return report_table(report), report_figure(report, path)

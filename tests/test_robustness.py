@@ -1,0 +1,270 @@
+"""Bad input, crashes and resume, atomic output, determinism (issue: safe to run unattended)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from streamprune.cli import main
+from tests.tiny_models import make_tiny_model
+
+FAST = ["--nsamples", "4", "--seqlen", "16", "--quiet", "--dtype", "float32"]
+
+
+def folder_digest(path: Path) -> str:
+    """Names and bytes of every file under `path`: equal digests mean the folder is unchanged."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def output_digest(path: Path) -> str:
+    """Like folder_digest, without the report (it holds timings and memory figures)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != "streamprune_report.json"):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def model(models, tmp_path):
+    """A private, sharded copy of a tiny GQA model that a test may break."""
+    dst = tmp_path / "model"
+    shutil.copytree(models("llama-sharded"), dst)
+    return dst
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _first_shard(model: Path) -> Path:
+    return sorted(model.glob("model-*.safetensors"))[0]
+
+
+def _break(model: Path, case: str) -> None:
+    index = model / "model.safetensors.index.json"
+    if case == "no_config":
+        (model / "config.json").unlink()
+    elif case == "unsupported":
+        _edit_json(model / "config.json", model_type="gpt2")
+    elif case == "missing_shard":
+        _first_shard(model).unlink()
+    elif case == "truncated_shard":
+        shard = _first_shard(model)
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif case == "corrupt_shard":
+        _first_shard(model).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    elif case == "index_missing_tensor":
+        data = json.loads(index.read_text())
+        data["weight_map"]["model.layers.0.mlp.extra.weight"] = _first_shard(model).name
+        index.write_text(json.dumps(data))
+    elif case == "shape_mismatch":
+        _edit_json(model / "config.json", intermediate_size=170)
+
+
+BROKEN_INPUTS = [
+    ("no_config", "has no config.json"),
+    ("unsupported", "unsupported architecture 'gpt2'"),
+    ("missing_shard", "is missing from"),
+    ("truncated_shard", "is truncated"),
+    ("corrupt_shard", "truncated or corrupt"),
+    ("index_missing_tensor", "but that shard lacks it"),
+    ("shape_mismatch", "config.json implies"),
+]
+
+
+def _run(args: list[str]):
+    return CliRunner().invoke(main, ["run", *args])
+
+
+def _assert_clean_failure(result, message: str) -> None:
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.strip()]) <= 3
+
+
+@pytest.mark.parametrize(("case", "message"), BROKEN_INPUTS)
+def test_broken_model_folder_fails_cleanly_and_is_untouched(model, calib_file, tmp_path, case, message):
+    _break(model, case)
+    before = folder_digest(model)
+    result = _run([str(model), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(calib_file), *FAST])
+    _assert_clean_failure(result, message)
+    assert folder_digest(model) == before
+    assert not (tmp_path / "out").exists()
+
+
+BAD_ARGUMENTS = [
+    (["--ratio", "0"], "0<x<1"),
+    (["--ratio", "-0.1"], "0<x<1"),
+    (["--ratio", "0.97"], "--ratio is too large: at most"),
+    (["--nsamples", "0"], "--nsamples must be at least 1"),
+    (["--device", "tpu"], "unsupported device 'tpu'"),
+    (["--device", "nonsense:x"], "unknown device"),
+    (["--dtype", "int8"], "unknown --dtype 'int8'"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_ARGUMENTS)
+def test_bad_arguments_fail_cleanly(model, calib_file, tmp_path, extra, message):
+    before = folder_digest(model)
+    args = [str(model), str(tmp_path / "out"), "--calib", str(calib_file), *FAST]
+    if "--ratio" not in extra:
+        args += ["--ratio", "0.2"]
+    result = _run(args + extra)
+    _assert_clean_failure(result, message)
+    assert folder_digest(model) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_without_gpu(model, calib_file, tmp_path):
+    result = _run([str(model), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(calib_file), *FAST,
+                   "--device", "cuda"])
+    _assert_clean_failure(result, "no CUDA GPU is available; use --device cpu")
+
+
+def test_missing_model_dir(tmp_path, calib_file):
+    result = _run([str(tmp_path / "nope"), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(calib_file)])
+    _assert_clean_failure(result, "does not exist")
+
+
+def test_out_dir_equal_to_or_inside_model_dir(model, calib_file):
+    before = folder_digest(model)
+    for out in (model, model / "pruned"):
+        result = _run([str(model), str(out), "--ratio", "0.2", "--calib", str(calib_file), *FAST])
+        _assert_clean_failure(result, "must not be MODEL_DIR or inside it")
+    assert folder_digest(model) == before
+
+
+def test_non_empty_out_dir_needs_overwrite(model, calib_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = _run([str(model), str(out), "--ratio", "0.2", "--calib", str(calib_file), *FAST])
+    _assert_clean_failure(result, "is not empty; pass --overwrite")
+    assert (out / "keep.txt").read_text() == "precious"
+    result = _run([str(model), str(out), "--ratio", "0.2", "--calib", str(calib_file), *FAST, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("calib", "message"),
+    [("missing.txt", "not found"), ("empty.txt", "empty"), ("short.txt", "tokens")],
+)
+def test_bad_calibration_sources(model, tmp_path, calib, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("Too short.")
+    result = _run([str(model), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(tmp_path / calib), *FAST])
+    _assert_clean_failure(result, message)
+
+
+def test_disk_full_while_writing(model, calib_file, tmp_path, monkeypatch):
+    import streamprune.checkpoint as checkpoint
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    result = _run([str(model), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(calib_file), *FAST])
+    _assert_clean_failure(result, "No space left on device")
+    assert "run the same command again to resume" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp16_overflow_names_the_layer(tmp_path, calib_file):
+    src = make_tiny_model(tmp_path / "hot", "llama", kv_heads=4, layers=3)
+    tensors = load_file(str(src / "model.safetensors"))
+    for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weight"):
+        tensors[name] = tensors[name] * 3000.0  # fp16 tops out at 65504
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    args = [str(src), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(calib_file), *FAST]
+    result = _run(args[:-2] + ["--dtype", "float16"])
+    _assert_clean_failure(result, "non-finite hidden states after layer 1")
+    assert "--dtype float32" in result.output
+
+
+# ----------------------------------------------------------------------------------------------
+# Crashes, resume, determinism (real processes, killed with SIGKILL)
+# ----------------------------------------------------------------------------------------------
+
+
+def _cli(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("STREAMPRUNE_FAULT", None)
+    if fault:
+        env["STREAMPRUNE_FAULT"] = fault
+    cwd = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "streamprune", "run", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def clean_run(models, calib_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "out"
+    args = [str(models("llama-sharded")), str(out), "--ratio", "0.3", "--calib", str(calib_file), *FAST]
+    result = _cli(args)
+    assert result.returncode == 0, result.stderr
+    return args, out
+
+
+@pytest.mark.parametrize("fault", ["pass1:2", "pass2:1", "write:3", "finalize"])
+def test_kill_9_then_resume_gives_identical_output(clean_run, tmp_path, fault):
+    args, clean_out = clean_run
+    out = tmp_path / "out"
+    args = [args[0], str(out), *args[2:]]
+    killed = _cli(args, fault)
+    assert killed.returncode == -9
+    assert not out.exists()  # nothing that looks like a finished model
+    resumed = _cli(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert output_digest(out) == output_digest(clean_out)
+
+
+def test_ctrl_c_stops_at_a_layer_boundary_and_resumes(clean_run, tmp_path):
+    args, clean_out = clean_run
+    out = tmp_path / "out"
+    args = [args[0], str(out), *args[2:]]
+    stopped = _cli(args, "int@pass2:1")
+    assert stopped.returncode == 130
+    assert "interrupted after layer 1 of pass 2; run the same command again to resume" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert _cli(args).returncode == 0
+    assert output_digest(out) == output_digest(clean_out)
+
+
+def test_resume_with_different_options_is_refused_until_restart(clean_run, tmp_path):
+    args, clean_out = clean_run
+    out = tmp_path / "out"
+    args = [args[0], str(out), *args[2:]]
+    assert _cli(args, "pass2:1").returncode == -9
+    changed = [a if a != "0.3" else "0.25" for a in args]
+    refused = _cli(changed)
+    assert refused.returncode == 2
+    assert "holds an unfinished run with different options" in refused.stderr and "--restart" in refused.stderr
+    assert _cli(changed + ["--restart"]).returncode == 0
+    assert json.loads((out / "streamprune_report.json").read_text())["options"]["ratio"] == 0.25
+
+
+def test_two_clean_runs_are_byte_identical(clean_run, tmp_path):
+    args, clean_out = clean_run
+    out = tmp_path / "again"
+    assert _cli([args[0], str(out), *args[2:]]).returncode == 0
+    assert output_digest(out) == output_digest(clean_out)
