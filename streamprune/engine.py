@@ -254,10 +254,12 @@ class StreamingPruner:
     """Prunes MODEL_DIR into OUT_DIR layer by layer. Use `run()`; see the module docstring."""
 
     def __init__(self, model_dir: str | Path, out_dir: str | Path, options: PruneOptions, *,
-                 overwrite: bool = False, restart: bool = False, quiet: bool = False):
+                 overwrite: bool = False, restart: bool = False, quiet: bool = False,
+                 shared_cache: str | Path | None = None):
         options.validate()
         self.model_dir, self.out_dir = Path(model_dir), Path(out_dir)
         self.options, self.overwrite, self.restart, self.quiet = options, overwrite, restart, quiet
+        self.shared_cache = None if shared_cache is None else Path(shared_cache)
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         check_folders(self.model_dir, self.out_dir, overwrite)
@@ -290,11 +292,50 @@ class StreamingPruner:
 
     # -- calibration ----------------------------------------------------------------------------
 
+    # -- work shared between runs of one model (batch jobs at several ratios) --------------------
+
+    def _shared_key(self) -> str:
+        """Identity of everything the calibration ids and the dense pass depend on (not the ratio)."""
+        o = self.options
+        key = {"model": model_fingerprint(self.reader), "calib": o.calib, "nsamples": o.nsamples,
+               "seqlen": o.seqlen, "seed": o.seed, "device": self.device.type, "dtype": str(self.dtype)}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _shared_path(self, kind: str) -> Path | None:
+        if self.shared_cache is None:
+            return None
+        self.shared_cache.mkdir(parents=True, exist_ok=True)
+        suffix = "safetensors" if kind == "calibration" else "json"
+        return self.shared_cache / f"{kind}-{self._shared_key()}.{suffix}"
+
+    def _reuse_dense_scores(self, state: RunState) -> None:
+        path = self._shared_path("dense-scores")
+        if path is not None and path.is_file() and not state.data["scores"]:
+            state.data["scores"] = read_json(path)["scores"]
+            state.data["dense_scores_reused"] = True
+            state.save()
+
+    def _share_dense_scores(self, scores: list[float]) -> None:
+        path = self._shared_path("dense-scores")
+        if path is not None and not path.is_file():
+            write_json(path, {"scores": scores})
+
     def _calibration_ids(self) -> torch.Tensor:
         """Token ids (nsamples, seqlen), cached in the staging folder so a resume uses the same ones."""
         path = self.staging / "calibration.safetensors"
         if path.is_file():
             return load_file(str(path))["input_ids"]
+        shared = self._shared_path("calibration")
+        if shared is not None and shared.is_file():
+            shutil.copy2(shared, path)
+            return load_file(str(path))["input_ids"]
+        ids = self._make_calibration_ids()
+        save_file({"input_ids": ids.contiguous()}, str(path))
+        if shared is not None:
+            shutil.copy2(path, shared)
+        return ids
+
+    def _make_calibration_ids(self) -> torch.Tensor:
         from .calibration import CalibrationError, generate_self_calibration, load_calibration
 
         tokenizer = self._tokenizer()
@@ -307,7 +348,6 @@ class StreamingPruner:
                 ids = load_calibration(o.calib, tokenizer, o.nsamples, o.seqlen, o.seed)
         except CalibrationError as exc:
             raise StreamPruneError(str(exc)) from None
-        save_file({"input_ids": ids.contiguous()}, str(path))
         return ids
 
     def _tokenizer(self):
@@ -536,7 +576,12 @@ class StreamingPruner:
             ids = self._calibration_ids()
             o = self.options
             need_scores = not o.uniform and o.ratio > 0
-            scores = self._pass1_scores(state, ids) if need_scores else None
+            if need_scores:
+                self._reuse_dense_scores(state)
+                scores = self._pass1_scores(state, ids)
+                self._share_dense_scores(scores)
+            else:
+                scores = None
             if state.data["allocation"] is None:
                 allocation = solve_allocation(self.shape, self.reader.parameter_count(), o.ratio, scores,
                                               o.alpha, o.num_pruned_layers, o.gqa_mode, o.regression)
@@ -566,6 +611,7 @@ class StreamingPruner:
             "params_before": self.reader.parameter_count(),
             "params_after": after,
             "achieved_ratio": 1 - after / self.reader.parameter_count(),
+            "dense_scores_reused": bool(state.data.get("dense_scores_reused")),
             "layers": state.data["layer_reports"],
             "timings_seconds": {"total_this_process": seconds, **dict(self.timer.seconds)},
             "peak_rss_mb": peak_rss_mb(),
@@ -607,10 +653,16 @@ def read_report(out_dir: str | Path) -> dict:
 
 
 def prune(model_dir: str | Path, out_dir: str | Path, ratio: float, *, overwrite: bool = False,
-          restart: bool = False, quiet: bool = False, **options) -> PruneResult:
-    """Python API mirroring `streamprune run`: keyword options are `PruneOptions` fields."""
+          restart: bool = False, quiet: bool = False, shared_cache: str | Path | None = None,
+          **options) -> PruneResult:
+    """Python API mirroring `streamprune run`: keyword options are `PruneOptions` fields.
+
+    `ratio` may be 0 here (the model passes through the engine unchanged, a self-check); the CLI
+    refuses 0. `shared_cache` is a folder where runs of the same model and calibration settings share
+    the tokenized calibration set and the dense pass's layer scores (see `streamprune batch`).
+    """
     return StreamingPruner(model_dir, out_dir, PruneOptions(ratio=ratio, **options), overwrite=overwrite,
-                           restart=restart, quiet=quiet).run()
+                           restart=restart, quiet=quiet, shared_cache=shared_cache).run()
 
 
 __all__ = ["INDEX_NAME", "PruneOptions", "PruneResult", "StreamingPruner", "prune", "read_report"]
