@@ -446,6 +446,8 @@ class StreamingPruner:
                      writer: ShardWriter) -> None:
         done = state.data["pass2_done"]
         L = self.shape.num_layers
+        if done == L:  # killed after the last layer (e.g. while finalizing): nothing left to compute
+            return
         hidden = self._load_hidden(state) if done else self._embed(ids)
         runtime = self._runtime(hidden)
         bar = tqdm(range(done, L), desc="pass 2/2 (prune)", disable=self.quiet, unit="layer", initial=done, total=L)

@@ -116,7 +116,8 @@ BAD_ARGUMENTS = [
     (["--ratio", "-0.1"], "0<x<1"),
     (["--ratio", "0.97"], "--ratio is too large: at most"),
     (["--nsamples", "0"], "--nsamples must be at least 1"),
-    (["--device", "tpu"], "unsupported device 'tpu'"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "mps"], "unsupported device 'mps'"),
     (["--device", "nonsense:x"], "unknown device"),
     (["--dtype", "int8"], "unknown --dtype 'int8'"),
 ]
