@@ -30,6 +30,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .allocation import GQA_MODES, Allocation, head_units, solve_allocation
 from .architecture import (
+    LAYER_PREFIX,
     ModelShape,
     engine_config,
     expected_layer_shapes,
@@ -268,6 +269,7 @@ class StreamingPruner:
         self._check_tensor_shapes()
         self.dense_config = engine_config(self.reader.config, self.shape)
         self.dense_config._attn_implementation = "sdpa"
+        self.storage_dtype = self.reader.storage_dtype()
         self.staging = staging_dir_for(self.out_dir)
         self.units = head_units(self.shape, options.gqa_mode)
         self.timer = Timer(self.device)
@@ -338,8 +340,11 @@ class StreamingPruner:
     def _make_calibration_ids(self) -> torch.Tensor:
         from .calibration import CalibrationError, generate_self_calibration, load_calibration
 
-        tokenizer = self._tokenizer()
         o = self.options
+        if o.calib == "random":  # benchmarks on tokenizer-less random checkpoints; no text needed
+            gen = torch.Generator().manual_seed(o.seed)
+            return torch.randint(0, self.shape.vocab_size, (o.nsamples, o.seqlen), generator=gen)
+        tokenizer = self._tokenizer()
         try:
             if o.calib == "self":
                 ids = generate_self_calibration(self.model_dir, tokenizer, o.nsamples, o.seqlen, o.seed,
@@ -472,8 +477,11 @@ class StreamingPruner:
         dense_spec = self.shape.dense_layer_spec()
         with self.timer.phase("build"):
             layer = build_layer(self.dense_config, i, stored, runtime)
+        if _holds_exactly(runtime.dtype, self.storage_dtype):  # drop the second copy of the layer
+            prefix = LAYER_PREFIX.format(i)
+            stored = {prefix + k: v for k, v in layer.state_dict().items()}
         result = prune_layer(layer, stored, hidden, plan, self.units, dense_spec, self.options.switches(),
-                             runtime, self.timer)
+                             runtime, self.timer, self.storage_dtype)
         del layer, stored
         self._check_finite(hidden, i)
         fault_point(f"pass2:{i}")
@@ -621,6 +629,13 @@ class StreamingPruner:
         if self.device.type == "cuda":
             report["peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return report
+
+
+def _holds_exactly(compute: torch.dtype, storage: torch.dtype) -> bool:
+    """Whether every value of `storage` dtype survives a round trip through `compute` dtype."""
+    wider = {torch.float32: {torch.float16, torch.bfloat16, torch.float32},
+             torch.float64: {torch.float16, torch.bfloat16, torch.float32, torch.float64}}
+    return compute == storage or storage in wider.get(compute, set())
 
 
 def _allocation_from_state(saved: dict) -> Allocation:

@@ -118,14 +118,18 @@ def prune_layer(
     switches: MethodSwitches,
     runtime: LayerRuntime,
     timer: Timer,
+    out_dtype: torch.dtype,
 ) -> LayerResult:
     """Prune `layer` per `plan`, overwrite `hidden` with the pruned layer's output, return new tensors.
 
-    `stored` are the layer's checkpoint tensors (full names, storage dtype): the written weights are
-    sliced and rescaled from these, not from the compute-dtype copy inside `layer`.
+    `stored` are the layer's weights at full name, at least as precise as the checkpoint (the engine
+    passes the layer's own parameters when the compute dtype holds the stored values exactly, so no
+    second copy of the layer is kept). Written tensors are sliced and rescaled from these and cast
+    to `out_dtype`, the checkpoint's dtype, one tensor at a time.
     """
     prefix = LAYER_PREFIX.format(plan.layer)
-    out = {k: v for k, v in stored.items()}
+    out = _Output(out_dtype)
+    out.update(stored)
     spec = dict(dense_spec)
     report: dict = {"layer": plan.layer}
     attn_cache = _attention_pass(layer, hidden, runtime, timer)
@@ -134,6 +138,21 @@ def prune_layer(
     if not torch.isfinite(hidden).all():
         report["non_finite"] = True
     return LayerResult({k: v for k, v in out.items() if k.startswith(prefix)}, spec, report)
+
+
+class _Output(dict):
+    """Output tensors, moved to the CPU and cast to the checkpoint dtype as they are added."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+        super().__setitem__(name, tensor.detach().to("cpu", self.dtype))
+
+    def update(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            self[name] = tensor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +261,6 @@ def _attention_fit(stats: UnitStats, keep: torch.Tensor, w_o, b_o, mean_a, head_
 
 def _write_attention(stored, out, spec, prefix, heads, keep_units, units: HeadUnits, head_dim, n_heads,
                      new_w_o, new_b_o) -> None:
-    dtype = stored[prefix + "q_proj.weight"].dtype
     q_rows = _rows(heads, head_dim)
     out[prefix + "q_proj.weight"] = stored[prefix + "q_proj.weight"][q_rows]
     if prefix + "q_proj.bias" in stored:
@@ -256,9 +274,9 @@ def _write_attention(stored, out, spec, prefix, heads, keep_units, units: HeadUn
         out[prefix + f"{p}.weight"] = stored[prefix + f"{p}.weight"][kv_rows]
         if prefix + f"{p}.bias" in stored:
             out[prefix + f"{p}.bias"] = stored[prefix + f"{p}.bias"][kv_rows]
-    out[prefix + "o_proj.weight"] = new_w_o.to("cpu", dtype)
+    out[prefix + "o_proj.weight"] = new_w_o
     if new_b_o is not None:
-        out[prefix + "o_proj.bias"] = new_b_o.to("cpu", dtype)
+        out[prefix + "o_proj.bias"] = new_b_o
     spec.update(num_attention_heads=int(heads.numel()), num_key_value_heads=int(kv_heads.numel()),
                 o_bias=new_b_o is not None)
 
@@ -342,13 +360,12 @@ def _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, ru
         for sl, x in zip(runtime.batches(hidden.shape[0]), pruned_out, strict=True):
             x = x.float() if scale is None else x.float() * scale + shift
             hidden[sl] = (hidden[sl].to(runtime.device) + x).to(hidden.device)
-    dtype = stored_down.dtype
     kept_cpu = kept.cpu()
     for p in ("gate_proj", "up_proj"):
         out[prefix + f"{p}.weight"] = stored[prefix + f"{p}.weight"][kept_cpu]
         if prefix + f"{p}.bias" in stored:
             out[prefix + f"{p}.bias"] = stored[prefix + f"{p}.bias"][kept_cpu]
-    out[prefix + "down_proj.weight"] = new_w.to("cpu", dtype)
+    out[prefix + "down_proj.weight"] = new_w
     if new_b is not None:
-        out[prefix + "down_proj.bias"] = new_b.to("cpu", dtype)
+        out[prefix + "down_proj.bias"] = new_b
     spec.update(intermediate_size=int(kept.numel()), down_bias=new_b is not None)

@@ -50,15 +50,24 @@ def fit_from_moments(
 
 
 class RegressionSums:
-    """Running per-dim sums of x, y, x^2 and x*y over token rows, in float64."""
+    """Running per-dim sums of x, y, x^2, y^2 and x*y over token rows, in float64.
+
+    x and y are shifted by their first batch's means (the regression is shift-invariant except for
+    b, which `fit` corrects), so huge-mean dims do not cancel catastrophically.
+    """
 
     def __init__(self, dim: int, device: torch.device):
         z = lambda: torch.zeros(dim, dtype=torch.float64, device=device)  # noqa: E731
         self.n, self.sx, self.sy, self.sxx, self.sxy, self.syy = 0, z(), z(), z(), z(), z()
+        self.shift_x: torch.Tensor | None = None
+        self.shift_y: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).double()
         y = y.reshape(-1, y.shape[-1]).double()
+        if self.shift_x is None:
+            self.shift_x, self.shift_y = x.mean(0), y.mean(0)
+        x, y = x - self.shift_x, y - self.shift_y
         self.n += x.shape[0]
         self.sx += x.sum(0)
         self.sy += y.sum(0)
@@ -69,7 +78,8 @@ class RegressionSums:
     def fit(self) -> RegressionFit:
         n = self.n
         mx, my = self.sx / n, self.sy / n
-        return fit_from_moments(mx, my, self.sxx / n - mx * mx, self.sxy / n - mx * my, self.syy / n - my * my)
+        var_x, cov, var_y = self.sxx / n - mx * mx, self.sxy / n - mx * my, self.syy / n - my * my
+        return fit_from_moments(mx + self.shift_x, my + self.shift_y, var_x, cov, var_y)
 
 
 def apply_fit(weight: torch.Tensor, bias: torch.Tensor | None, fit: RegressionFit) -> tuple[torch.Tensor, torch.Tensor]:

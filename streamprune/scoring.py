@@ -19,29 +19,35 @@ _EPS = 1e-30
 
 
 class MomentAccumulator:
-    """Running sum and Gram matrix of row vectors, kept in float64 so fp16 runs stay exact enough.
+    """Running mean and covariance of row vectors, kept in float64 so fp16 runs stay exact enough.
 
-    Each batch's Gram is formed in float32 (fast on any GPU) and added to a float64 total: a batch has
-    at most a few thousand rows, so the float32 partial loses nothing the float64 total would keep.
+    Rows are shifted by the first batch's mean before accumulating: E[xx^T] - mu mu^T cancels
+    catastrophically for the few huge-mean dims LLaMA models have ("massive activations"), while the
+    shifted sums stay small. Each batch's Gram is formed in float32 (fast on any GPU; float64 inputs
+    stay float64) and added to a float64 total.
     """
 
     def __init__(self, dim: int, device: torch.device):
         self.count = 0
+        self.shift: torch.Tensor | None = None
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
     def add(self, rows: torch.Tensor) -> None:
         rows = rows.reshape(-1, rows.shape[-1])
         rows = rows if rows.dtype == torch.float64 else rows.float()
+        if self.shift is None:
+            self.shift = rows.mean(0)
+        rows = rows - self.shift
         self.count += rows.shape[0]
         self.sum += rows.sum(0, dtype=torch.float64)
         self.gram += (rows.T @ rows).double()
 
     def mean(self) -> torch.Tensor:
-        return self.sum / self.count
+        return self.sum / self.count + self.shift.double()
 
     def covariance(self) -> torch.Tensor:
-        mu = self.mean()
+        mu = self.sum / self.count
         return self.gram / self.count - torch.outer(mu, mu)
 
 

@@ -51,12 +51,14 @@ class Case:
 
 # batch_size 3 splits the 8 samples 3 + 3 + 2, so the engine's running statistics span several batches.
 CASES = {
-    "mha_llama": Case("llama", 8, None, 0.3, {"batch_size": 3}),
-    "gqa_llama_heads": Case("llama", 8, 2, 0.3, {"gqa_mode": "heads"}, expect_swaps=True),
+    # expect_swaps marks the cases whose greedy search makes swaps with the test calibration ids
+    # (checked so the search is really compared, not skipped); which ones do depends on the ids.
+    "mha_llama": Case("llama", 8, None, 0.3, {"batch_size": 3}, expect_swaps=True),
+    "gqa_llama_heads": Case("llama", 8, 2, 0.3, {"gqa_mode": "heads"}),
     "gqa_llama_groups": Case("llama", 8, 4, 0.3, {"gqa_mode": "groups", "batch_size": 3}),
     "qwen2_gqa_heads": Case("qwen2", 8, 2, 0.3, {"gqa_mode": "heads", "batch_size": 3}, expect_swaps=True),
     "mistral_gqa_groups": Case("mistral", 8, 2, 0.3, {"gqa_mode": "groups"}),
-    "llama_all_biases": Case("llama", 8, None, 0.3, biases=True),
+    "llama_all_biases": Case("llama", 8, None, 0.3, biases=True, expect_swaps=True),
     "ablation_mha_llama": Case("llama", 8, None, 0.3, {"greedy": False, "feature_space": False,
                                                        "regression": False}),
 }

@@ -117,3 +117,20 @@ def test_regression_fit_is_least_squares_and_never_worse():
     assert abs(fit.mse_removed - float(((x - y) ** 2).mean())) < 1e-9
     assert abs(fit.mse_recovered - float(((recovered - y) ** 2).mean())) < 1e-9
     assert fit.mse_recovered < fit.mse_removed
+
+
+def test_moments_survive_huge_means():
+    """LLaMA's massive-activation dims: mean 1e4 with spread 1e-2 must not cancel to garbage."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 3, generator=g) * 1e-2 + torch.tensor([1e4, 0.0, -3e3])
+    acc = MomentAccumulator(3, torch.device("cpu"))
+    for chunk in x.split(512):
+        acc.add(chunk.float())
+    direct = torch.cov(x.double().T, correction=0)
+    torch.testing.assert_close(acc.covariance(), direct, rtol=1e-3, atol=1e-9)
+    sums = RegressionSums(3, torch.device("cpu"))
+    y = 2 * x + 1 + torch.randn(4096, 3, generator=g) * 1e-3
+    for xs, ys in zip(x.split(512), y.split(512), strict=True):
+        sums.add(xs.float(), ys.float())
+    fit = sums.fit()
+    torch.testing.assert_close(fit.scale, torch.full((3,), 2.0, dtype=torch.float64), rtol=2e-2, atol=0)
