@@ -1,128 +1,388 @@
-"""Calibration data: text sources to (nsamples, seqlen) token ids, or samples from the model itself."""
+"""Calibration data: text sources to (nsamples, seqlen) token ids, or samples from the model itself.
+
+Behaviour (what SlimLLM / LLM-Pruner do, made explicit):
+
+* Sources: a local ``.txt`` (the whole file is one document: paragraph breaks stay newlines, no EOS is
+  inserted inside it), ``.jsonl`` / ``.json`` (field ``text``, or the only string field; a JSON list of
+  strings works too), ``.parquet`` (column ``text`` or the only string column), or a ``datasets`` spec
+  ``name[:config][:split]`` (default split ``train``; slices such as ``train[:2000]`` are passed through).
+  ``wikitext`` rows are lines of running articles, not documents, so they are joined into one stream.
+* Documents are tokenized without special tokens and concatenated with the tokenizer's EOS *between*
+  them (none when the tokenizer has no EOS). No BOS appears inside the stream.
+* Windows: ``nsamples`` random start offsets drawn with ``random.Random(seed)``; windows may overlap
+  (as in the reference code), so one window's worth of tokens is enough. A warning is logged when the
+  text is shorter than ``nsamples`` disjoint windows.
+* BOS: if the tokenizer itself prepends BOS when encoding (LLaMA, Mistral, Llama-3), every window starts
+  with BOS followed by ``seqlen - 1`` text tokens, because that is what the model sees at inference (and
+  the BOS "attention sink" shapes the activations being measured). Otherwise windows are ``seqlen`` text
+  tokens. Either way the result is exactly ``(nsamples, seqlen)``.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
+import re
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
+from .errors import StreamPruneError
 
-class CalibrationError(ValueError):
-    """A calibration source problem, phrased as what is wrong and what to do."""
+log = logging.getLogger(__name__)
+
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+SPLIT_NAMES = ("train", "validation", "test")
+# Datasets whose rows are consecutive lines of articles (LLM-Pruner joins them) rather than documents.
+LINE_DATASETS = ("wikitext",)
+LOCAL_HINT = "pass a local .txt/.jsonl/.json/.parquet file instead"
+_TOKENIZE_BATCH = 1000  # documents per tokenizer call: parallel in fast tokenizers, bounded memory
+
+
+class CalibrationError(StreamPruneError, ValueError):
+    """A calibration source problem, phrased in one line as what is wrong and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sources
 
 
 def describe_source(source: str) -> str:
-    path = Path(source)
+    """One line for reports and logs, e.g. ``file wiki.txt (1.2 MB)``."""
+    if source == "self":
+        return "self-generated samples from the model"
+    path = Path(source).expanduser()
     if path.is_file():
-        return f"file {path.name} ({path.stat().st_size / 1e6:.1f} MB)"
-    return "self-generated" if source == "self" else f"dataset {source}"
+        return f"file {path.name} ({_human_size(path.stat().st_size)})"
+    if _looks_like_file(source):
+        return f"file {path.name} (missing)"
+    name, config, split = parse_dataset_spec(source)
+    return f"datasets {name}" + (f" {config}" if config else "") + f" split {split}"
 
 
 def load_calibration_text(source: str) -> list[str]:
-    """Documents from a .txt / .jsonl / .json / .parquet file or a datasets spec 'name[:config][:split]'."""
-    path = Path(source)
-    suffix = path.suffix.lower()
-    if suffix in (".txt", ".jsonl", ".json", ".parquet") or path.exists():
-        if not path.is_file():
-            raise CalibrationError(f"calibration file {source} not found")
-        texts = _read_file(path, suffix)
+    """Non-empty documents from a local file or a ``datasets`` spec (see the module docstring)."""
+    if source == "self":
+        raise CalibrationError("'self' is not a text source; it samples the model: generate_self_calibration")
+    if _looks_like_file(source):
+        texts = _read_file(Path(source).expanduser())
     else:
         texts = _read_dataset(source)
     texts = [t for t in texts if t and t.strip()]
     if not texts:
-        raise CalibrationError(f"calibration source {source} is empty")
+        raise CalibrationError(f"calibration source {source} contains no text; give it some text")
     return texts
 
 
-def _read_file(path: Path, suffix: str) -> list[str]:
-    if suffix == ".txt":
-        return [path.read_text(encoding="utf-8", errors="replace")]
-    if suffix == ".jsonl":
-        return [_text_of(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-    if suffix == ".json":
-        data = json.loads(path.read_text())
-        return [_text_of(row) for row in (data if isinstance(data, list) else [data])]
+def _looks_like_file(source: str) -> bool:
+    # Anything that exists, has a known suffix or is written like a path is a file; a missing
+    # "data.csv" must say "not found" rather than be sent to the Hub as a dataset name.
+    path = Path(source).expanduser()
+    if path.exists() or path.suffix.lower() in FILE_SUFFIXES:
+        return True
+    if source.startswith(("/", "./", "../", "~", ".\\")):
+        return True
+    return bool(re.fullmatch(r"\.[A-Za-z]{1,8}", Path(source.split(":")[0]).suffix))
+
+
+def _human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def _read_file(path: Path) -> list[str]:
+    if path.is_dir():
+        raise CalibrationError(f"{path} is a folder; pass a {'/'.join(FILE_SUFFIXES)} calibration file")
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} not found; check the path or pass a datasets name")
+    suffix = path.suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise CalibrationError(
+            f"unknown calibration file type {suffix or '(none)'!r} for {path.name}; "
+            f"use {', '.join(FILE_SUFFIXES)}"
+        )
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if "text" not in table.column_names:
-            raise CalibrationError(f"{path} has no 'text' column")
-        return [str(t) for t in table.column("text").to_pylist()]
-    raise CalibrationError(f"unknown calibration file type {suffix!r}; use .txt, .jsonl, .json or .parquet")
+        return _read_parquet(path)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if suffix == ".txt":
+        return [text]
+    return _read_json(path, text, lines=suffix == ".jsonl")
 
 
-def _text_of(row) -> str:
-    if isinstance(row, str):
-        return row
+def _read_json(path: Path, text: str, lines: bool) -> list[str]:
+    if not lines:
+        try:
+            data = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError:
+            # datasets' "json" loader accepts JSON lines in a .json file; so do we.
+            return _read_json(path, text, lines=True)
+        rows = data if isinstance(data, list) else [data]
+        return [_text_of(row, path, i + 1) for i, row in enumerate(rows)]
+    texts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            message = f"{path.name} line {number} is not valid JSON ({exc.msg}); fix or remove it"
+            raise CalibrationError(message) from None
+        texts.append(_text_of(row, path, number))
+    return texts
+
+
+def _text_of(row: Any, path: Path, number: int) -> str:
+    if row is None or isinstance(row, str):
+        return row or ""
     if isinstance(row, dict):
-        if isinstance(row.get("text"), str):
-            return row["text"]
-        strings = [v for v in row.values() if isinstance(v, str)]
+        if "text" in row and (row["text"] is None or isinstance(row["text"], str)):
+            return row["text"] or ""
+        strings = [key for key, value in row.items() if isinstance(value, str)]
         if len(strings) == 1:
-            return strings[0]
-    raise CalibrationError("calibration JSON rows need a 'text' field")
+            return row[strings[0]]
+        raise CalibrationError(
+            f"{path.name} row {number} has no 'text' field and {len(strings)} string fields "
+            f"({', '.join(strings) or 'none'}); add a 'text' field"
+        )
+    raise CalibrationError(f"{path.name} row {number} is a {type(row).__name__}; use strings or objects")
+
+
+def _read_parquet(path: Path) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise CalibrationError(f"{path.name} is not a readable parquet file ({exc}); re-export it") from None
+    column = _pick_text_column(
+        [f.name for f in schema],
+        [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)],
+        path.name,
+    )
+    return [t or "" for t in pq.read_table(path, columns=[column]).column(column).to_pylist()]
+
+
+def _pick_text_column(columns: list[str], string_columns: list[str], where: str) -> str:
+    if "text" in columns:
+        return "text"
+    if len(string_columns) == 1:
+        return string_columns[0]
+    raise CalibrationError(
+        f"{where} has no 'text' column and {len(string_columns)} string columns "
+        f"({', '.join(string_columns) or 'none'}); add a 'text' column"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# datasets specs
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, str | None, str]:
+    """``name[:config][:split]`` -> (name, config, split). A split may carry a slice (``train[:1000]``);
+    with two parts the second is a split when it looks like one (``c4:validation``), else a config."""
+    head, bracket, rest = spec.partition("[")
+    parts = head.split(":")
+    parts[-1] += bracket + rest
+    if len(parts) > 3 or not parts[0]:
+        raise CalibrationError(f"bad datasets spec {spec!r}; use name[:config][:split], "
+                               "e.g. wikitext:wikitext-2-raw-v1")
+    if len(parts) == 2 and _looks_like_split(parts[1]):
+        parts.insert(1, "")
+    name, config, split = (parts + ["", ""])[:3]
+    return name, config or None, split or "train"
+
+
+def _looks_like_split(part: str) -> bool:
+    return "[" in part or part in SPLIT_NAMES
 
 
 def _read_dataset(spec: str) -> list[str]:
-    name, config, split = (spec.split(":") + [None, None])[:3]
+    name, config, split = parse_dataset_spec(spec)
     try:
-        from datasets import load_dataset
+        import datasets
+    except ImportError:
+        raise CalibrationError(f"loading {spec!r} needs the datasets package (pip install datasets); "
+                               f"or {LOCAL_HINT}") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot load it"
+        raise CalibrationError(_load_failure(spec, exc)) from None
+    string_columns = [c for c, f in ds.features.items()
+                      if getattr(f, "dtype", None) in ("string", "large_string")]
+    column = _pick_text_column(list(ds.column_names), string_columns, f"dataset {spec!r}")
+    texts = [t or "" for t in ds[column]]
+    if name.split("/")[-1] in LINE_DATASETS:
+        # Rows already end with "\n"; joining restores the raw articles (EOS per line would be noise).
+        return ["".join(texts)]
+    return texts
 
-        ds = load_dataset(name, config or None, split=split or "train")
-    except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
-        raise CalibrationError(
-            f"cannot load dataset {spec!r} ({type(exc).__name__}); offline? pass a local .txt/.jsonl file"
-        ) from None
-    column = "text" if "text" in ds.column_names else ds.column_names[0]
-    return [str(t) for t in ds[column]]
+
+def _load_failure(spec: str, exc: Exception) -> str:
+    detail = (str(exc).strip().splitlines() or [""])[0][:200]
+    offline = " with Hugging Face offline mode on" if _hub_offline() else ""
+    return f"cannot load dataset {spec!r}{offline} ({type(exc).__name__}: {detail}); {LOCAL_HINT}"
 
 
-def build_calibration_ids(texts: list[str], tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """Random windows of `seqlen` tokens (overlap allowed, as in SlimLLM / LLM-Pruner) from the
-    documents joined with EOS; windows start at random offsets drawn with random.Random(seed)."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
-        if eos is not None:
-            ids.append(eos)
-    if len(ids) < seqlen + 1:
-        raise CalibrationError(
-            f"calibration text has {len(ids)} tokens, but {seqlen + 1} are needed for windows of {seqlen}; "
-            "use more text or a smaller --seqlen"
-        )
-    rng = random.Random(seed)
-    starts = [rng.randrange(0, len(ids) - seqlen) for _ in range(nsamples)]
-    return torch.tensor([ids[s : s + seqlen] for s in starts], dtype=torch.long)
+def _hub_offline() -> bool:
+    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f.strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token windows
 
 
 def load_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Token ids (nsamples, seqlen) from a file or datasets spec; sizes are checked before any loading."""
+    _check_sizes(nsamples, seqlen)
+    return build_calibration_ids(load_calibration_text(source), tokenizer, nsamples, seqlen, seed)
+
+
+def build_calibration_ids(texts: list[str], tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """(nsamples, seqlen) int64 ids: random (possibly overlapping) windows of the EOS-joined documents,
+    each led by BOS when the tokenizer adds BOS itself. Deterministic for a seed."""
+    _check_sizes(nsamples, seqlen)
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    body = seqlen - 1 if bos is not None else seqlen
+    stream = token_stream(texts, tokenizer)
+    if len(stream) < body:
+        lead = " after BOS" if bos is not None else ""
+        raise CalibrationError(
+            f"calibration text has {len(stream)} tokens, but a window of --seqlen {seqlen} "
+            f"needs {body}{lead}; "
+            "use more text or a smaller --seqlen"
+        )
+    if len(stream) < nsamples * body:
+        log.warning("calibration text has %d tokens, fewer than %d disjoint windows of %d: windows overlap",
+                    len(stream), nsamples, body)
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(stream) - body) for _ in range(nsamples)]
+    windows = torch.stack([stream[s : s + body] for s in starts])
+    if bos is not None:
+        windows = torch.cat([torch.full((nsamples, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
+
+
+def token_stream(texts: Iterable[str], tokenizer) -> torch.Tensor:
+    """1-D int64 ids of all documents, EOS between documents, no special tokens otherwise."""
+    eos = tokenizer.eos_token_id
+    sep = np.array([eos] if eos is not None else [], dtype=np.int64)
+    pieces: list[np.ndarray] = []
+    for batch in _batches(list(texts), _TOKENIZE_BATCH):
+        # verbose=False: a long document is expected here, not a model_max_length mistake.
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            if ids:
+                if pieces:
+                    pieces.append(sep)
+                pieces.append(np.asarray(ids, dtype=np.int64))
+    return torch.from_numpy(np.concatenate(pieces)) if pieces else torch.zeros(0, dtype=torch.long)
+
+
+def _batches(items: list[str], size: int) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer prepends BOS on a plain encode. Probing beats the ``add_bos_token`` flag,
+    which many fast tokenizers leave False while their post-processor adds BOS anyway."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def _check_sizes(nsamples: int, seqlen: int) -> None:
     if nsamples < 1:
         raise CalibrationError(f"--nsamples must be at least 1, got {nsamples}")
     if seqlen < 2:
         raise CalibrationError(f"--seqlen must be at least 2, got {seqlen}")
-    return build_calibration_ids(load_calibration_text(source), tokenizer, nsamples, seqlen, seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Self-generated calibration ("--calib self")
 
 
 def generate_self_calibration(model_dir, tokenizer, nsamples: int, seqlen: int, seed: int,
-                              device: str = "cpu", temperature: float = 1.0) -> torch.Tensor:
-    """Sample calibration sequences from the model itself, starting from BOS (loads the whole model)."""
+                              device: str = "cpu", temperature: float = 1.0,
+                              batch_size: int = 8) -> torch.Tensor:
+    """(nsamples, seqlen) int64 ids sampled from the model itself (data-free, LLM-QAT style).
+
+    Each sample starts with BOS when the tokenizer adds BOS (as text windows do), else with a random
+    non-special token; the rest is sampled token by token with a KV cache. Sampling runs on a seeded CPU
+    generator, so the result is deterministic for (seed, batch_size) and does not depend on device RNGs.
+    BOS and other special tokens except EOS are never sampled, nor ids beyond the tokenizer (padding
+    rows of the embedding). Loads the whole model: only for models that fit in memory.
+    """
+    _check_sizes(nsamples, seqlen)
+    if not temperature > 0:
+        raise CalibrationError(f"sampling temperature must be > 0, got {temperature}")
+    model = _load_model(model_dir, device)
+    vocab = min(len(tokenizer), model.get_output_embeddings().weight.shape[0])
+    banned = _banned_ids(tokenizer, vocab)
+    generator = torch.Generator().manual_seed(seed)
+    first = _first_tokens(tokenizer, nsamples, vocab, banned, generator)
+    out = []
+    for start in range(0, nsamples, max(1, batch_size)):
+        out.append(_sample_batch(model, first[start : start + batch_size], seqlen, vocab, banned,
+                                 temperature, generator))
+        log.info("self-calibration: %d/%d samples", min(start + batch_size, nsamples), nsamples)
+    del model
+    return torch.cat(out)
+
+
+def _load_model(model_dir, device: str):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = torch.full((nsamples, 1), start, dtype=torch.long, device=device)
-    past = None
-    with torch.no_grad():
-        step_input = out
-        for _ in range(seqlen - 1):
-            res = model(step_input, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            probs = torch.softmax(res.logits[:, -1].float() / temperature, dim=-1)
-            step_input = torch.multinomial(probs, 1, generator=generator)
-            out = torch.cat([out, step_input], dim=1)
-    return out.cpu()
+    # float32 on CPU (half-precision matmuls there are slow); the checkpoint's own dtype elsewhere.
+    dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    except (OSError, ValueError) as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CalibrationError(f"cannot load the model from {model_dir} for --calib self ({detail}); "
+                               f"use a text source instead") from None
+    return model.to(device).eval()
+
+
+def _banned_ids(tokenizer, vocab: int) -> torch.Tensor:
+    special = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id}
+    return torch.tensor(sorted(i for i in special if 0 <= i < vocab), dtype=torch.long)
+
+
+def _first_tokens(tokenizer, nsamples: int, vocab: int, banned: torch.Tensor,
+                  generator: torch.Generator) -> torch.Tensor:
+    if adds_bos(tokenizer):
+        return torch.full((nsamples,), tokenizer.bos_token_id, dtype=torch.long)
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed[banned] = False
+    allowed[[i for i in (tokenizer.eos_token_id,) if i is not None and i < vocab]] = False
+    candidates = allowed.nonzero().squeeze(1)
+    return candidates[torch.randint(len(candidates), (nsamples,), generator=generator)]
+
+
+@torch.inference_mode()
+def _sample_batch(model, first: torch.Tensor, seqlen: int, vocab: int, banned: torch.Tensor,
+                  temperature: float, generator: torch.Generator) -> torch.Tensor:
+    device = next(model.parameters()).device
+    tokens = [first]
+    step, past = first[:, None], None
+    for _ in range(seqlen - 1):
+        res = model(input_ids=step.to(device), past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        logits = res.logits[:, -1, :vocab].float().cpu() / temperature
+        logits[:, banned] = float("-inf")
+        step = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+        tokens.append(step[:, 0])
+    return torch.stack(tokens, dim=1)

@@ -174,3 +174,61 @@ def report_command(out_dir: str, png: str | None) -> None:
     table, path = render_report(out_dir, png)
     click.echo(table)
     click.echo(f"figure: {path}")
+
+
+@main.command(name="batch")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: one job after another on this machine; ray: every job a Ray task "
+                   "(pip install 'streamprune[ray]').")
+@click.option("--ray-address", default=None,
+              help="Ray cluster for --executor ray: 'auto' (a cluster started with `ray start` that this machine "
+                   "belongs to) or 'ray://HEAD:10001' (Ray Client) [default: RAY_ADDRESS, else a private local "
+                   "instance].")
+@click.option("--gpus-per-job", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="GPUs each Ray task reserves; above 0 also runs jobs on --device cuda unless their row sets "
+                   "a device.")
+@click.option("--cpus-per-job", type=click.FloatRange(min=0), default=1, show_default=True,
+              help="CPU cores each Ray task reserves (Ray also sets the job's thread count to it).")
+@click.option("--shared-cache", default=None, type=click.Path(file_okay=False, path_type=str),
+              help="Folder where jobs of one model share calibration ids and dense-pass scores "
+                   "[default: MANIFEST's folder/.streamprune-cache].")
+@click.option("--no-shared-cache", is_flag=True, help="Let every job tokenise and run the dense pass itself.")
+@click.option("--overwrite", is_flag=True, help="Replace an OUT_DIR holding a finished run with other options.")
+@click.option("--restart", is_flag=True, help="Discard unfinished runs instead of resuming them.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the summary as JSON to this file.")
+@friendly_errors
+def batch_command(manifest: str, json_path: str | None, **settings) -> None:
+    """Run the pruning jobs listed in MANIFEST, one after another or on Ray.
+
+    MANIFEST is a CSV file with the header model_dir,out_dir,ratio and optionally more columns named
+    after `run` options (calib, nsamples, seqlen, gqa-mode, layers, no-greedy, ...), or a YAML/JSON
+    list of mappings with the same keys. Empty cells keep the default; booleans are true/false,
+    yes/no or 1/0; relative paths are relative to MANIFEST's folder. Example jobs.csv:
+
+    \b
+        model_dir,out_dir,ratio,calib,nsamples,gqa-mode
+        models/llama-7b,out/llama-7b-20,0.2,calib.txt,128,
+        models/llama-7b,out/llama-7b-50,0.5,calib.txt,128,groups
+        models/qwen2-7b,out/qwen2-7b-20,0.2,self,,
+
+    \b
+    The same as jobs.yaml:
+        - {model_dir: models/llama-7b, out_dir: out/llama-7b-20, ratio: 0.2, calib: calib.txt, nsamples: 128}
+        - {model_dir: models/llama-7b, out_dir: out/llama-7b-50, ratio: 0.5, calib: calib.txt, gqa-mode: groups}
+        - {model_dir: models/qwen2-7b, out_dir: out/qwen2-7b-20, ratio: 0.2, calib: self}
+
+    Each job runs in its own process with its output in OUT_DIR.log beside OUT_DIR; a failing job is
+    reported and the others go on. Rerunning skips finished jobs and resumes interrupted ones. Jobs of
+    one model share the ratio-independent work (calibration ids, dense-pass scores). A summary table
+    follows; the exit code is 0 only if every job succeeded or was skipped.
+
+    \b
+    On a Ray cluster (every node with streamprune installed, paths on a shared filesystem):
+        ray start --head                  # on the head node; `ray start --address HEAD:6379` on the others
+        streamprune batch jobs.csv --executor ray --ray-address auto --gpus-per-job 1
+    """
+    from .batch import BatchSettings, batch_main
+
+    sys.exit(batch_main(manifest, BatchSettings(json_path=json_path, **settings)))

@@ -175,24 +175,30 @@ def channel_scores(
     x_sq_sum: torch.Tensor,
     z_sq_sum: torch.Tensor,
     cov_y: torch.Tensor | None,
+    chunk: int = 2048,
 ) -> torch.Tensor:
     """Channel score I_gate + I_up + I_down (METHOD.md section 3), float64, length I.
 
     x_sq_sum: per-feature sum of squares of the FFN input (C); z_sq_sum: per-channel sum of squares of
     act(gate) * up (I). With cov_y None (the --no-feature-space ablation) I_down uses the plain norm of
-    the down vector, i.e. no eigenbasis weighting.
+    the down vector, i.e. no eigenbasis weighting. Channels are scored `chunk` at a time so the float64
+    temporaries stay at chunk x C (a 70B layer's whole I x C in float64 would be 1.9 GB each).
     """
     n_x = x_sq_sum.double().sqrt()
-    i_gate = torch.linalg.vector_norm(w_gate.double() * n_x, dim=1)
-    i_up = torch.linalg.vector_norm(w_up.double() * n_x, dim=1)
-    u = w_down.double().T  # (I, C): row i is channel i's down vector
-    if cov_y is None:
-        q_norm = torch.linalg.vector_norm(u, dim=1)
-    else:
-        eigvecs, weights = feature_space_weights(cov_y)
-        q_norm = torch.linalg.vector_norm((u @ eigvecs).abs() * weights, dim=1)
-    i_down = z_sq_sum.double().sqrt() * q_norm
-    return i_gate + i_up + i_down
+    eig = None if cov_y is None else feature_space_weights(cov_y)
+    scores = torch.empty(w_gate.shape[0], dtype=torch.float64, device=w_gate.device)
+    for start in range(0, w_gate.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        i_gate = torch.linalg.vector_norm(w_gate[rows].double() * n_x, dim=1)
+        i_up = torch.linalg.vector_norm(w_up[rows].double() * n_x, dim=1)
+        u = w_down[:, rows].double().T  # (chunk, C): row i is channel i's down vector
+        if eig is None:
+            q_norm = torch.linalg.vector_norm(u, dim=1)
+        else:
+            eigvecs, weights = eig
+            q_norm = torch.linalg.vector_norm((u @ eigvecs).abs() * weights, dim=1)
+        scores[rows] = i_gate + i_up + z_sq_sum[rows].double().sqrt() * q_norm
+    return scores
 
 
 def lowest_channels(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -87,7 +87,7 @@ def test_channel_scores_match_method_definition():
     y = z @ wd.T
     acc = MomentAccumulator(c, torch.device("cpu"))
     acc.add(y)
-    got = channel_scores(wg, wu, wd, (x * x).sum(0), (z * z).sum(0), acc.covariance())
+    got = channel_scores(wg, wu, wd, (x * x).sum(0), (z * z).sum(0), acc.covariance(), chunk=3)
     # Direct: PCA of centred y, w_k = sigmoid(|l_k| / mean |l|), q_i = |u_i V| * w.
     yc = y - y.mean(0)
     lam, v = torch.linalg.eigh(yc.T @ yc / n)

@@ -61,13 +61,16 @@ def _trained_tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
-def make_tiny_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
+def make_tiny_tokenizer(vocab_size: int = 256, *, add_bos: bool = True) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with BOS/EOS/UNK like LLaMA.
 
     ``len(tokenizer)`` is ``max(vocab_size, MIN_VOCAB_SIZE)`` (259) for sizes the built-in corpus can
-    support (up to ~1000); a larger request stops when the corpus runs out of merges.
+    support (up to ~790); a larger request stops when the corpus runs out of merges.
+    ``add_bos=False`` keeps the BOS token defined but never prepends it (Qwen / GPT-2 style encoding).
     """
     tok = Tokenizer.from_str(_trained_tokenizer_json(max(vocab_size, MIN_VOCAB_SIZE)))
+    if not add_bos:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
