@@ -142,15 +142,11 @@ def eval_command(model_dir: str, text_file: str | None, dataset: str | None, seq
     """Perplexity of MODEL_DIR (dense or pruned), computed one decoder layer at a time."""
     import json
 
-    from transformers import AutoTokenizer
-
     from .evaluation import evaluate, load_eval_text, text_windows
+    from .loading import load_tokenizer
 
     text = load_eval_text(text_file, dataset)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise StreamPruneError(f"cannot load the tokenizer from {model_dir} ({exc})") from None
+    tokenizer = load_tokenizer(model_dir)
     windows = text_windows(text, tokenizer, seqlen, max_windows)
     result = evaluate(model_dir, windows, reference_dir=reference_dir, device=device, dtype=dtype,
                       batch_size=batch_size, quiet=quiet)
@@ -232,3 +228,30 @@ def batch_command(manifest: str, json_path: str | None, **settings) -> None:
     from .batch import BatchSettings, batch_main
 
     sys.exit(batch_main(manifest, BatchSettings(json_path=json_path, **settings)))
+
+
+@main.command(name="demo")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False, path_type=str),
+              help="Where the converted demo model and the pruned copy live "
+                   "[default: $STREAMPRUNE_CACHE, else ~/.cache/streamprune].")
+@click.option("--model-dir", default=None, type=click.Path(file_okay=False, path_type=str),
+              help="Use this model folder instead of fetching SmolLM2-135M-Instruct.")
+@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True)
+@click.option("--calib", default="self", show_default=True,
+              help="Calibration source; 'self' samples text from the model (no data file needed).")
+@click.option("--nsamples", type=int, default=32, show_default=True)
+@click.option("--seqlen", type=int, default=128, show_default=True)
+@click.option("--eval-text", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Evaluation text [default: a small public-domain English sample shipped with streamprune].")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def demo_command(cache_dir, model_dir, ratio, calib, nsamples, seqlen, eval_text, device, quiet) -> None:
+    """Prune a real small model (SmolLM2-135M-Instruct) by 20 % and compare it with the dense one."""
+    from pathlib import Path
+
+    from .demo import run_demo
+
+    run_demo(model_dir=Path(model_dir) if model_dir else None, cache_dir=Path(cache_dir) if cache_dir else None,
+             ratio=ratio, calib=calib, nsamples=nsamples, seqlen=seqlen,
+             eval_text=Path(eval_text) if eval_text else None, device=device, quiet=quiet, echo=click.echo)

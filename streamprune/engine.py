@@ -356,12 +356,9 @@ class StreamingPruner:
         return ids
 
     def _tokenizer(self):
-        from transformers import AutoTokenizer
+        from .loading import load_tokenizer
 
-        try:
-            return AutoTokenizer.from_pretrained(str(self.model_dir))
-        except (OSError, ValueError) as exc:
-            raise StreamPruneError(f"cannot load the tokenizer from {self.model_dir} ({exc})") from None
+        return load_tokenizer(self.model_dir)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Calibration hidden states (nsamples, seqlen, C), float32 on the compute device."""

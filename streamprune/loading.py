@@ -28,3 +28,15 @@ def load_pruned(model_dir: str | Path, dtype: torch.dtype | str | None = None, d
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The folder's tokenizer. `AutoTokenizer` always reads config.json, and a pruned folder's config
+    names its own configuration class (`auto_map`), so without `trust_remote_code=True` transformers
+    would ask interactively; the code it runs is streamprune's configuration file in that folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+    except (OSError, ValueError) as exc:
+        raise StreamPruneError(f"cannot load the tokenizer from {model_dir} ({exc})") from None
