@@ -132,3 +132,24 @@ def test_fp16_checkpoint_is_written_in_fp16(models, calib_file, tmp_path):
     tensors = _load_tensors(out)
     assert {t.dtype for t in tensors.values()} == {torch.float16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+
+
+def test_output_loads_and_generates_without_streamprune_installed(models, calib_file, tmp_path):
+    """Remote code must need transformers only: block `import streamprune` in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    streamprune.prune(models("qwen2-gqa"), out, 0.3, calib=str(calib_file), **CALIB)
+    code = (
+        "import sys; sys.modules['streamprune'] = None\n"
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+        "ids = torch.tensor([[1, 40, 41, 42]])\n"
+        "out = m.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)\n"
+        "print(type(m).__name__, tuple(out.shape))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("StreamPruneForCausalLM (1, 10)")
