@@ -261,24 +261,30 @@ def _attention_fit(stats: UnitStats, keep: torch.Tensor, w_o, b_o, mean_a, head_
 
 def _write_attention(stored, out, spec, prefix, heads, keep_units, units: HeadUnits, head_dim, n_heads,
                      new_w_o, new_b_o) -> None:
-    q_rows = _rows(heads, head_dim)
-    out[prefix + "q_proj.weight"] = stored[prefix + "q_proj.weight"][q_rows]
-    if prefix + "q_proj.bias" in stored:
-        out[prefix + "q_proj.bias"] = stored[prefix + "q_proj.bias"][q_rows]
+    _take_rows(stored, out, prefix, ("q_proj",), _rows(heads, head_dim))
     n_kv = stored[prefix + "k_proj.weight"].shape[0] // head_dim
     kv_heads = torch.arange(n_kv)
     if units.kv_heads_per_unit:  # MHA heads or whole KV groups: k/v rows go with the unit
         kv_heads = keep_units.nonzero().flatten()
-    kv_rows = _rows(kv_heads, head_dim)
-    for p in ("k_proj", "v_proj"):
-        out[prefix + f"{p}.weight"] = stored[prefix + f"{p}.weight"][kv_rows]
-        if prefix + f"{p}.bias" in stored:
-            out[prefix + f"{p}.bias"] = stored[prefix + f"{p}.bias"][kv_rows]
-    out[prefix + "o_proj.weight"] = new_w_o
-    if new_b_o is not None:
-        out[prefix + "o_proj.bias"] = new_b_o
+    _take_rows(stored, out, prefix, ("k_proj", "v_proj"), _rows(kv_heads, head_dim))
+    _set_linear(out, prefix + "o_proj", new_w_o, new_b_o)
     spec.update(num_attention_heads=int(heads.numel()), num_key_value_heads=int(kv_heads.numel()),
                 o_bias=new_b_o is not None)
+
+
+def _take_rows(stored: dict, out: dict, prefix: str, projections: tuple[str, ...], rows: torch.Tensor) -> None:
+    """Copy the kept output rows (weight and bias, where present) of unchanged projections."""
+    for p in projections:
+        weight = stored[prefix + f"{p}.weight"]
+        out[prefix + f"{p}.weight"] = weight[rows.to(weight.device)]
+        if prefix + f"{p}.bias" in stored:
+            out[prefix + f"{p}.bias"] = stored[prefix + f"{p}.bias"][rows.to(weight.device)]
+
+
+def _set_linear(out: dict, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    out[name + ".weight"] = weight
+    if bias is not None:
+        out[name + ".bias"] = bias
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,12 +366,6 @@ def _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, ru
         for sl, x in zip(runtime.batches(hidden.shape[0]), pruned_out, strict=True):
             x = x.float() if scale is None else x.float() * scale + shift
             hidden[sl] = (hidden[sl].to(runtime.device) + x).to(hidden.device)
-    kept_cpu = kept.cpu()
-    for p in ("gate_proj", "up_proj"):
-        out[prefix + f"{p}.weight"] = stored[prefix + f"{p}.weight"][kept_cpu]
-        if prefix + f"{p}.bias" in stored:
-            out[prefix + f"{p}.bias"] = stored[prefix + f"{p}.bias"][kept_cpu]
-    out[prefix + "down_proj.weight"] = new_w
-    if new_b is not None:
-        out[prefix + "down_proj.bias"] = new_b
+    _take_rows(stored, out, prefix, ("gate_proj", "up_proj"), kept)
+    _set_linear(out, prefix + "down_proj", new_w, new_b)
     spec.update(intermediate_size=int(kept.numel()), down_bias=new_b is not None)
