@@ -24,6 +24,7 @@ from .scoring import (
     MomentAccumulator,
     UnitStats,
     channel_scores,
+    feature_space_weights,
     greedy_swap,
     initial_keep,
     leave_one_out_scores,
@@ -134,6 +135,7 @@ def prune_layer(
     report: dict = {"layer": plan.layer}
     attn_cache = _attention_pass(layer, hidden, runtime, timer)
     _prune_attention(layer, stored, attn_cache, hidden, plan, units, switches, runtime, timer, out, spec, report)
+    del attn_cache  # its Hd x Hd float64 Gram must not live on through the FFN phase
     _prune_mlp(layer, stored, hidden, plan, switches, runtime, timer, out, spec, report)
     if not torch.isfinite(hidden).all():
         report["non_finite"] = True
@@ -326,9 +328,14 @@ def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer,
     if not collect:
         report.update(channels_kept=n_channels, channels_total=n_channels)
         return
+    eig = None
+    if y_moments is not None:
+        with timer.phase("pca"):  # the C x C eigendecomposition, timed apart: it dominates on CPUs
+            eig = feature_space_weights(y_moments.covariance())
+        del y_moments
     with timer.phase("scoring"):
-        scores = channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, x_sq, z_sq,
-                                None if y_moments is None else y_moments.covariance())
+        scores = channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, x_sq, z_sq, eig)
+        del eig
         pruned = lowest_channels(scores, plan.prune_channels)
         keep_mask = torch.ones(n_channels, dtype=torch.bool, device=scores.device)
         keep_mask[pruned] = False

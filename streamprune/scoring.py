@@ -69,17 +69,22 @@ class UnitStats:
     var_y: torch.Tensor
 
     @classmethod
-    def from_covariance(cls, cov_a: torch.Tensor, w_o: torch.Tensor, unit_size: int) -> UnitStats:
-        """cov_a: (Hd, Hd) covariance of the attention output; w_o: (C, Hd) o_proj weight."""
-        w = w_o.double()
-        c, hd = w.shape
+    def from_covariance(cls, cov_a: torch.Tensor, w_o: torch.Tensor, unit_size: int, chunk: int = 1024) -> UnitStats:
+        """cov_a: (Hd, Hd) covariance of the attention output; w_o: (C, Hd) o_proj weight.
+
+        Output dims are processed `chunk` at a time, so float64 temporaries stay at chunk x Hd
+        (a whole C x Hd float64 copy is 512 MB for a 70B layer).
+        """
+        c, hd = w_o.shape
         units = hd // unit_size
-        w_units = w.reshape(c, units, unit_size)
-        M = torch.empty(c, units, units, dtype=torch.float64, device=w.device)
-        for v in range(units):  # one (C x Hd) product per unit keeps the memory at C*Hd, not C*Hd*U
-            cols = slice(v * unit_size, (v + 1) * unit_size)
-            t_v = (w[:, cols] @ cov_a[cols, :]).reshape(c, units, unit_size)
-            M[:, :, v] = (w_units * t_v).sum(-1)
+        M = torch.empty(c, units, units, dtype=torch.float64, device=w_o.device)
+        for start in range(0, c, chunk):
+            w = w_o[start:start + chunk].double()
+            w_units = w.reshape(-1, units, unit_size)
+            for v in range(units):
+                cols = slice(v * unit_size, (v + 1) * unit_size)
+                t_v = (w[:, cols] @ cov_a[cols, :]).reshape(-1, units, unit_size)
+                M[start:start + chunk, :, v] = (w_units * t_v).sum(-1)
         M = 0.5 * (M + M.transpose(1, 2))  # exact symmetry, so swap updates stay consistent
         r = M.sum(-1)
         return cls(M=M, r=r, var_y=r.sum(-1))
@@ -174,18 +179,18 @@ def channel_scores(
     w_down: torch.Tensor,
     x_sq_sum: torch.Tensor,
     z_sq_sum: torch.Tensor,
-    cov_y: torch.Tensor | None,
+    eig: tuple[torch.Tensor, torch.Tensor] | None,
     chunk: int = 2048,
 ) -> torch.Tensor:
     """Channel score I_gate + I_up + I_down (METHOD.md section 3), float64, length I.
 
     x_sq_sum: per-feature sum of squares of the FFN input (C); z_sq_sum: per-channel sum of squares of
-    act(gate) * up (I). With cov_y None (the --no-feature-space ablation) I_down uses the plain norm of
-    the down vector, i.e. no eigenbasis weighting. Channels are scored `chunk` at a time so the float64
-    temporaries stay at chunk x C (a 70B layer's whole I x C in float64 would be 1.9 GB each).
+    act(gate) * up (I); eig: `feature_space_weights` of the FFN output covariance. With eig None (the
+    --no-feature-space ablation) I_down uses the plain norm of the down vector: no eigenbasis weighting.
+    Channels are scored `chunk` at a time so the float64 temporaries stay at chunk x C (a 70B layer's
+    whole I x C in float64 would be 1.9 GB each).
     """
     n_x = x_sq_sum.double().sqrt()
-    eig = None if cov_y is None else feature_space_weights(cov_y)
     scores = torch.empty(w_gate.shape[0], dtype=torch.float64, device=w_gate.device)
     for start in range(0, w_gate.shape[0], chunk):
         rows = slice(start, start + chunk)

@@ -9,6 +9,7 @@ from streamprune.scoring import (
     MomentAccumulator,
     UnitStats,
     channel_scores,
+    feature_space_weights,
     greedy_swap,
     initial_keep,
     leave_one_out_scores,
@@ -26,7 +27,7 @@ def _heads_problem(seed: int = 0):
     acc = MomentAccumulator(H * D, torch.device("cpu"))
     for chunk in a.split(64):
         acc.add(chunk)
-    return a, w, UnitStats.from_covariance(acc.covariance(), w, D)
+    return a, w, UnitStats.from_covariance(acc.covariance(), w, D, chunk=5)
 
 
 def _direct_similarity(a, w, keep) -> float:
@@ -87,7 +88,7 @@ def test_channel_scores_match_method_definition():
     y = z @ wd.T
     acc = MomentAccumulator(c, torch.device("cpu"))
     acc.add(y)
-    got = channel_scores(wg, wu, wd, (x * x).sum(0), (z * z).sum(0), acc.covariance(), chunk=3)
+    got = channel_scores(wg, wu, wd, (x * x).sum(0), (z * z).sum(0), feature_space_weights(acc.covariance()), chunk=3)
     # Direct: PCA of centred y, w_k = sigmoid(|l_k| / mean |l|), q_i = |u_i V| * w.
     yc = y - y.mean(0)
     lam, v = torch.linalg.eigh(yc.T @ yc / n)
