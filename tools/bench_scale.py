@@ -67,6 +67,7 @@ def run_engine(ckpt: Path, out: Path, args: dict, prefetch: bool) -> dict:
            "--json", "--quiet", "--overwrite", "--restart"]
     if not prefetch:
         cmd.append("--no-prefetch")
+    cmd += list(args.get("run_args", ()))
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -154,12 +155,13 @@ def markdown(rows: list[dict], baseline: float) -> str:
 @click.option("--seqlen", type=int, default=128, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--compare-prefetch", is_flag=True, help="Also run without read-ahead and report the gain.")
+@click.option("--run-arg", "run_args", multiple=True, help="Extra argument for `streamprune run` (repeatable).")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("/tmp/streamprune-bench"), show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 def main(preset, layer_counts, vocab, ckpt_dtype, dtype, device, ratio, nsamples, seqlen, batch_size,
-         compare_prefetch, workdir, json_path) -> None:
+         compare_prefetch, run_args, workdir, json_path) -> None:
     args = {"ratio": ratio, "nsamples": nsamples, "seqlen": seqlen, "device": device, "dtype": dtype,
-            "batch_size": batch_size}
+            "batch_size": batch_size, "run_args": run_args}
     baseline = baseline_rss_mb()
     rows = []
     for n in layer_counts:
