@@ -39,10 +39,19 @@ def read_json(path: Path) -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write JSON atomically: a crash leaves the old file or the new one, never half of one. The
+    temporary name is unique per process, so concurrent writers (batch jobs sharing a cache) never
+    write into each other's temporary file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+def copy_atomically(src: Path, dst: Path) -> None:
+    """Copy through a per-process temporary name and rename, for files other processes may read."""
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
 
 
 class CheckpointReader:

@@ -96,10 +96,14 @@ def run_options(func: Callable) -> Callable:
 @run_options
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR (only once the new model is complete).")
 @click.option("--restart", is_flag=True, help="Discard an unfinished run of OUT_DIR instead of resuming it.")
+@click.option("--shared-cache", default=None, type=click.Path(file_okay=False, path_type=str),
+              help="Folder where runs of the same model and calibration settings share the tokenized "
+                   "calibration set and the dense pass's layer scores (e.g. several ratios).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON on stdout.")
 @friendly_errors
-def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, quiet: bool, as_json: bool, **options) -> None:
+def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cache: str | None, quiet: bool,
+        as_json: bool, **options) -> None:
     """Prune MODEL_DIR into OUT_DIR, streaming one decoder layer at a time.
 
     An interrupted run (Ctrl-C, kill, power loss) resumes from the last finished layer when the same
@@ -110,7 +114,7 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, quiet: boo
     from .engine import PruneOptions, StreamingPruner
 
     result = StreamingPruner(model_dir, out_dir, PruneOptions(**options), overwrite=overwrite, restart=restart,
-                             quiet=quiet).run()
+                             quiet=quiet, shared_cache=shared_cache).run()
     r = result.report
     if as_json:
         click.echo(json.dumps(r, indent=2))

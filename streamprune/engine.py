@@ -38,7 +38,15 @@ from .architecture import (
     non_layer_tensor_names,
     read_shape,
 )
-from .checkpoint import INDEX_NAME, CheckpointReader, ShardWriter, copy_aux_files, read_json, write_json
+from .checkpoint import (
+    INDEX_NAME,
+    CheckpointReader,
+    ShardWriter,
+    copy_atomically,
+    copy_aux_files,
+    read_json,
+    write_json,
+)
 from .errors import StreamPruneError
 from .faults import fault_point
 from .layer_pruning import LayerRuntime, MethodSwitches, Timer, build_layer, dense_forward, prune_layer
@@ -329,12 +337,12 @@ class StreamingPruner:
             return load_file(str(path))["input_ids"]
         shared = self._shared_path("calibration")
         if shared is not None and shared.is_file():
-            shutil.copy2(shared, path)
+            copy_atomically(shared, path)
             return load_file(str(path))["input_ids"]
         ids = self._make_calibration_ids()
         save_file({"input_ids": ids.contiguous()}, str(path))
         if shared is not None:
-            shutil.copy2(path, shared)
+            copy_atomically(path, shared)
         return ids
 
     def _make_calibration_ids(self) -> torch.Tensor:
