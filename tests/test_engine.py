@@ -40,10 +40,17 @@ def test_ratio_zero_reproduces_the_input_model(models, calib_file, tmp_path, nam
 @pytest.mark.parametrize(
     ("name", "gqa_mode", "ratio"),
     [
-        ("llama-mha", "heads", 0.1), ("llama-mha", "heads", 0.2), ("llama-mha", "heads", 0.5),
-        ("llama-gqa", "heads", 0.2), ("llama-gqa", "heads", 0.3), ("llama-gqa", "groups", 0.2),
-        ("llama-gqa", "groups", 0.5), ("qwen2-gqa", "heads", 0.2), ("qwen2-gqa", "groups", 0.4),
-        ("llama-tied", "heads", 0.25), ("mistral-gqa", "heads", 0.2),
+        ("llama-mha", "heads", 0.1),
+        ("llama-mha", "heads", 0.2),
+        ("llama-mha", "heads", 0.5),
+        ("llama-gqa", "heads", 0.2),
+        ("llama-gqa", "heads", 0.3),
+        ("llama-gqa", "groups", 0.2),
+        ("llama-gqa", "groups", 0.5),
+        ("qwen2-gqa", "heads", 0.2),
+        ("qwen2-gqa", "groups", 0.4),
+        ("llama-tied", "heads", 0.25),
+        ("mistral-gqa", "heads", 0.2),
     ],
 )
 def test_parameter_target_is_hit_and_output_loads(models, calib_file, tmp_path, name, gqa_mode, ratio):
@@ -95,8 +102,15 @@ def test_output_folder_layout_and_report(models, calib_file, tmp_path):
     out = tmp_path / "out"
     streamprune.prune(models("llama-gqa"), out, 0.3, calib=str(calib_file), **CALIB)
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-            "configuration_streamprune.py", "modeling_streamprune.py", "streamprune_report.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "configuration_streamprune.py",
+        "modeling_streamprune.py",
+        "streamprune_report.json",
+    } <= names
     assert not any(n.endswith((".bin", ".pt", ".pkl", ".tmp")) for n in names)  # never pickle, no scratch
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {n for n in names if n.endswith(".safetensors")}
@@ -153,3 +167,26 @@ def test_output_loads_and_generates_without_streamprune_installed(models, calib_
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("StreamPruneForCausalLM (1, 10)")
+
+
+def test_fp16_compute_matches_fp32_compute(models, calib_file, tmp_path):
+    """fp16 forwards with float64 statistics choose the same structure as fp32 and nearly the same weights."""
+    from streamprune.evaluation import evaluate, text_windows
+    from streamprune.loading import load_tokenizer
+    from tests.tiny_models import CALIB_TEXT
+
+    src = models("llama-gqa")
+    opts = {**CALIB, "nsamples": 16}
+    reports = {}
+    for dtype in ("float32", "float16"):
+        reports[dtype] = streamprune.prune(
+            src, tmp_path / dtype, 0.3, calib=str(calib_file), **{**opts, "dtype": dtype}
+        ).report
+    for a, b in zip(reports["float32"]["layers"], reports["float16"]["layers"], strict=True):
+        assert a["kept_heads"] == b["kept_heads"] and a["channels_kept"] == b["channels_kept"]
+    windows = text_windows(CALIB_TEXT, load_tokenizer(src), 16)
+    pruning_error = evaluate(tmp_path / "float32", windows, reference_dir=src, dtype="float32").kl_from_reference
+    fp16_error = evaluate(
+        tmp_path / "float16", windows, reference_dir=tmp_path / "float32", dtype="float32"
+    ).kl_from_reference
+    assert fp16_error < 1e-3 * pruning_error
