@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from .architecture import LAYER_PREFIX, folder_config, layer_tensor_names
+from .architecture import folder_config, layer_tensor_names
 from .checkpoint import CheckpointReader
 from .engine import peak_rss_mb, resolve_device, resolve_dtype
 from .errors import StreamPruneError
@@ -75,9 +75,7 @@ class StreamedModel:
 
     def layer(self, i: int, runtime: LayerRuntime):
         spec = self.config.layer_spec(i)
-        tensors = self.reader.read(layer_tensor_names(i, spec))
-        assert all(name.startswith(LAYER_PREFIX.format(i)) for name in tensors)
-        return build_layer(self.config, i, tensors, runtime)
+        return build_layer(self.config, i, self.reader.read(layer_tensor_names(i, spec)), runtime)
 
     def head(self, runtime: LayerRuntime) -> tuple[torch.Tensor, torch.Tensor]:
         """Final norm weight and lm_head weight (the embedding when tied) on the compute device."""
