@@ -24,7 +24,7 @@ from .scoring import (
     MomentAccumulator,
     UnitStats,
     channel_scores,
-    feature_space_weights,
+    feature_space_basis,
     greedy_swap,
     initial_keep,
     leave_one_out_scores,
@@ -328,14 +328,14 @@ def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer,
     if not collect:
         report.update(channels_kept=n_channels, channels_total=n_channels)
         return
-    eig = None
+    basis = None
     if y_moments is not None:
         with timer.phase("pca"):  # the C x C eigendecomposition, timed apart: it dominates on CPUs
-            eig = feature_space_weights(y_moments.covariance())
+            basis = feature_space_basis(y_moments.covariance())
         del y_moments
     with timer.phase("scoring"):
-        scores = channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, x_sq, z_sq, eig)
-        del eig
+        scores = channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, x_sq, z_sq, basis)
+        del basis
         pruned = lowest_channels(scores, plan.prune_channels)
         keep_mask = torch.ones(n_channels, dtype=torch.bool, device=scores.device)
         keep_mask[pruned] = False
