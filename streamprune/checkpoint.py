@@ -2,6 +2,11 @@
 
 Nothing here ever holds more than the tensors asked for: the reader opens a shard only for the
 tensors it is asked to return, and the writer writes each output shard as soon as it is complete.
+
+Reads copy each tensor's bytes from the file into its own buffer with plain file reads, rather than
+through safetensors' memory map: a memory-mapped tensor is only read from disk when first touched,
+so a background read-ahead would read nothing, and its pages would count in the process's RSS
+alongside the copies made from them.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class CheckpointReader:
         self.weight_map = self._read_weight_map()
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, torch.dtype] = {}
+        self._spans: dict[str, tuple[int, int]] = {}  # name -> (start, end) byte offsets in its file
         self._scan_headers()
 
     def _read_weight_map(self) -> dict[str, str]:
@@ -100,7 +106,7 @@ class CheckpointReader:
                         self._dtypes[name] = _torch_dtype(sl.get_dtype())
             except (SafetensorError, OSError) as exc:
                 raise StreamPruneError(f"shard {file} is truncated or corrupt ({exc}); re-download it") from None
-            _check_data_size(path)
+            self._spans.update(_data_spans(path))
         if not self.weight_map:
             self.weight_map = found
         for name, file in self.weight_map.items():
@@ -123,7 +129,7 @@ class CheckpointReader:
             raise StreamPruneError(f"tensor {name} is missing from the checkpoint in {self.model_dir}")
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Load the named tensors (CPU, stored dtype), opening each shard once."""
+        """Load the named tensors into fresh CPU tensors (stored dtype), opening each shard once."""
         by_file: dict[str, list[str]] = defaultdict(list)
         for name in names:
             self._require(name)
@@ -131,12 +137,25 @@ class CheckpointReader:
         out: dict[str, torch.Tensor] = {}
         for file, file_names in by_file.items():
             try:
-                with safe_open(str(self.model_dir / file), framework="pt") as handle:
-                    for name in file_names:
-                        out[name] = handle.get_tensor(name)
-            except (SafetensorError, OSError) as exc:
-                raise StreamPruneError(f"reading {name} from {file} failed ({exc})") from None
-        return out
+                with open(self.model_dir / file, "rb", buffering=0) as fh:
+                    for name in sorted(file_names, key=lambda n: self._spans[n][0]):  # front to back
+                        out[name] = self._read_tensor(fh, name)
+            except OSError as exc:
+                raise StreamPruneError(f"reading {name} from {file} failed ({exc.strerror or exc})") from None
+        return {name: out[name] for name in names}
+
+    def _read_tensor(self, fh, name: str) -> torch.Tensor:
+        start, end = self._spans[name]
+        buffer = torch.empty(end - start, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        fh.seek(start)
+        done = 0
+        while done < len(view):  # raw reads may return fewer bytes than asked
+            n = fh.readinto(view[done:])
+            if not n:
+                raise StreamPruneError(f"shard {Path(fh.name).name} is truncated; re-download it")
+            done += n
+        return buffer.view(self._dtypes[name]).reshape(self._shapes[name])
 
     def parameter_count(self) -> int:
         """Parameters as transformers counts them: a tied lm_head is not stored, so counted once."""
@@ -172,14 +191,18 @@ def _torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _check_data_size(path: Path) -> None:
-    """safetensors reads headers lazily; a truncated file is only caught by comparing sizes."""
+def _data_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """Absolute byte span of every tensor in a safetensors file, from its header (8-byte length +
+    JSON); also the truncation check, since safetensors itself only notices a short file on read."""
     with open(path, "rb") as fh:
         header_len = int.from_bytes(fh.read(8), "little")
         header = json.loads(fh.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if path.stat().st_size < 8 + header_len + end:
+    base = 8 + header_len
+    spans = {k: (base + v["data_offsets"][0], base + v["data_offsets"][1])
+             for k, v in header.items() if k != "__metadata__"}
+    if path.stat().st_size < max((end for _, end in spans.values()), default=base):
         raise StreamPruneError(f"shard {path.name} is truncated; re-download it")
+    return spans
 
 
 def shard_name(index: int, total: int) -> str:

@@ -15,7 +15,6 @@ import errno
 import hashlib
 import json
 import os
-import resource
 import shutil
 import signal
 import time
@@ -50,6 +49,7 @@ from .checkpoint import (
 from .errors import StreamPruneError
 from .faults import fault_point
 from .layer_pruning import LayerRuntime, MethodSwitches, Timer, build_layer, dense_forward, prune_layer
+from .memory import peak_rss_mb, return_freed_memory_promptly
 from .modeling import AUTO_MAP, REMOTE_CODE_FILES
 
 REPORT_NAME = "streamprune_report.json"
@@ -216,10 +216,13 @@ class _StopFlag:
 
 
 class LayerPrefetcher:
-    """Reads layer i+1 on a background thread while layer i is computed (disk and compute overlap).
+    """Reads the next layer on a background thread while the current one is computed.
 
-    At most two layers are in host memory: the one being pruned and the one being read. Safetensors
-    reads and torch copies release the GIL, so one worker thread is enough to hide most of the read.
+    The caller says when to start (`read_ahead`): the pruning pass starts it once the layer is past
+    its memory peak (the FFN eigendecomposition and scoring), so the read-ahead copy never adds to
+    that peak and still has the rest of the layer's compute to hide behind. At most two layers are
+    in host memory. Safetensors reads and torch copies release the GIL, so one worker thread is
+    enough to hide most of the read.
     """
 
     def __init__(self, read_layer, num_layers: int, enabled: bool = True):
@@ -227,12 +230,15 @@ class LayerPrefetcher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamprune-read") if enabled else None
         self._pending: dict[int, Future] = {}
 
+    def read_ahead(self, i: int) -> None:
+        """Start reading layer i in the background (no-op when disabled, past the end or started)."""
+        if self._pool is not None and i < self.num_layers and i not in self._pending:
+            self._pending[i] = self._pool.submit(self.read_layer, i)
+
     def get(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's tensors: the read-ahead result if one was started, else a read now."""
         future = self._pending.pop(i, None)
-        tensors = future.result() if future is not None else self.read_layer(i)
-        if self._pool is not None and i + 1 < self.num_layers:
-            self._pending[i + 1] = self._pool.submit(self.read_layer, i + 1)
-        return tensors
+        return future.result() if future is not None else self.read_layer(i)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -240,10 +246,6 @@ class LayerPrefetcher:
                 future.cancel()
             self._pool.shutdown(wait=True)
         self._pending.clear()
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,7 +442,8 @@ class StreamingPruner:
             for i in bar:
                 fault_point(f"pass1:{i}")
                 before = dict(self.timer.seconds)
-                layer = build_layer(self.dense_config, i, self._layer_tensors(prefetcher, i), runtime)
+                layer = build_layer(self.dense_config, i, self._layer_tensors(prefetcher, i), runtime, consume=True)
+                prefetcher.read_ahead(i + 1)
                 with self.timer.phase("dense_forward"):
                     scores.append(dense_forward(layer, hidden, runtime))
                 del layer
@@ -480,13 +483,15 @@ class StreamingPruner:
         plan = allocation.plans[i]
         stored = self._layer_tensors(prefetcher, i)
         dense_spec = self.shape.dense_layer_spec()
-        with self.timer.phase("build"):
-            layer = build_layer(self.dense_config, i, stored, runtime)
-        if _holds_exactly(runtime.dtype, self.storage_dtype):  # drop the second copy of the layer
+        exact = _holds_exactly(runtime.dtype, self.storage_dtype)
+        with self.timer.phase("build"):  # when exact, the checkpoint copy is freed tensor by tensor
+            layer = build_layer(self.dense_config, i, stored, runtime, consume=exact)
+        if exact:  # the layer's own parameters are the stored values: no second copy of the layer
             prefix = LAYER_PREFIX.format(i)
             stored = {prefix + k: v for k, v in layer.state_dict().items()}
         result = prune_layer(layer, stored, hidden, plan, self.units, dense_spec, self.options.switches(),
-                             runtime, self.timer, self.storage_dtype)
+                             runtime, self.timer, self.storage_dtype,
+                             past_memory_peak=lambda: prefetcher.read_ahead(i + 1))
         del layer, stored
         self._check_finite(hidden, i)
         fault_point(f"pass2:{i}")
@@ -569,6 +574,7 @@ class StreamingPruner:
     # -- entry point ----------------------------------------------------------------------------
 
     def run(self) -> PruneResult:
+        return_freed_memory_promptly()
         try:
             return self._run()
         except OSError as exc:

@@ -23,9 +23,10 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .architecture import folder_config, layer_tensor_names
 from .checkpoint import CheckpointReader
-from .engine import peak_rss_mb, resolve_device, resolve_dtype
+from .engine import resolve_device, resolve_dtype
 from .errors import StreamPruneError
 from .layer_pruning import LayerRuntime, build_layer
+from .memory import peak_rss_mb, return_freed_memory_promptly
 
 
 @dataclass
@@ -75,7 +76,7 @@ class StreamedModel:
 
     def layer(self, i: int, runtime: LayerRuntime):
         spec = self.config.layer_spec(i)
-        return build_layer(self.config, i, self.reader.read(layer_tensor_names(i, spec)), runtime)
+        return build_layer(self.config, i, self.reader.read(layer_tensor_names(i, spec)), runtime, consume=True)
 
     def head(self, runtime: LayerRuntime) -> tuple[torch.Tensor, torch.Tensor]:
         """Final norm weight and lm_head weight (the embedding when tied) on the compute device."""
@@ -111,6 +112,7 @@ def evaluate(model_dir: str | Path, windows: torch.Tensor, *, reference_dir: str
              device: str = "cpu", dtype: str = "auto", batch_size: int = 8, quiet: bool = True) -> EvalResult:
     """Layer-streamed perplexity of `model_dir` on `windows`, plus KL / agreement against a reference."""
     start = time.perf_counter()
+    return_freed_memory_promptly()
     dev = resolve_device(device)
     cdtype = resolve_dtype(dtype, dev)
     models = [StreamedModel(model_dir)] + ([StreamedModel(reference_dir)] if reference_dir else [])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -21,6 +21,7 @@ from .architecture import LAYER_PREFIX
 from .modeling import StreamPruneConfig, StreamPruneDecoderLayer
 from .recovery import RegressionFit, RegressionSums, apply_fit, fit_from_moments
 from .scoring import (
+    PCA_DTYPE,
     MomentAccumulator,
     UnitStats,
     channel_scores,
@@ -78,14 +79,23 @@ class LayerRuntime:
 
 
 def build_layer(config: StreamPruneConfig, layer_idx: int, tensors: dict[str, torch.Tensor],
-                runtime: LayerRuntime) -> StreamPruneDecoderLayer:
-    """The layer module on the compute device, from checkpoint tensors (no random init, no meta copies)."""
+                runtime: LayerRuntime, consume: bool = False) -> StreamPruneDecoderLayer:
+    """The layer module on the compute device, from checkpoint tensors (no random init, no meta copies).
+
+    With `consume`, each checkpoint tensor is removed from `tensors` as soon as its compute-dtype copy
+    exists, so building a float32 layer from float16 tensors peaks at the float32 layer plus one
+    tensor rather than plus the whole float16 layer.
+    """
     prefix = LAYER_PREFIX.format(layer_idx)
     with torch.device("meta"):
         layer = StreamPruneDecoderLayer(config, layer_idx)
-    state = {name[len(prefix):]: t for name, t in tensors.items()}
+    state = {}
+    for name in [n for n in tensors if n.startswith(prefix)]:
+        tensor = tensors.pop(name) if consume else tensors[name]
+        state[name[len(prefix):]] = tensor.to(runtime.device, runtime.dtype)
+        del tensor
     layer.load_state_dict(state, strict=True, assign=True)
-    return layer.to(device=runtime.device, dtype=runtime.dtype).eval()
+    return layer.eval()
 
 
 @torch.no_grad()
@@ -120,6 +130,7 @@ def prune_layer(
     runtime: LayerRuntime,
     timer: Timer,
     out_dtype: torch.dtype,
+    past_memory_peak: Callable[[], None] | None = None,
 ) -> LayerResult:
     """Prune `layer` per `plan`, overwrite `hidden` with the pruned layer's output, return new tensors.
 
@@ -127,19 +138,41 @@ def prune_layer(
     passes the layer's own parameters when the compute dtype holds the stored values exactly, so no
     second copy of the layer is kept). Written tensors are sliced and rescaled from these and cast
     to `out_dtype`, the checkpoint's dtype, one tensor at a time.
+
+    `layer` and `stored` are consumed: each dense weight is released (from both) as soon as its
+    pruned version is in the output, so the dense layer and the pruned one are never both whole in
+    memory. `past_memory_peak` is called once the FFN's channels are chosen and its dense weights
+    released (the eigendecomposition and scoring temporaries are gone by then); the engine starts
+    reading the next layer there, so the read-ahead copy never adds to the layer's peak.
     """
     prefix = LAYER_PREFIX.format(plan.layer)
     out = _Output(out_dtype)
-    out.update(stored)
     spec = dict(dense_spec)
     report: dict = {"layer": plan.layer}
     attn_cache = _attention_pass(layer, hidden, runtime, timer)
     _prune_attention(layer, stored, attn_cache, hidden, plan, units, switches, runtime, timer, out, spec, report)
-    del attn_cache  # its Hd x Hd float64 Gram must not live on through the FFN phase
-    _prune_mlp(layer, stored, hidden, plan, switches, runtime, timer, out, spec, report)
+    del attn_cache  # its head outputs must not live on through the FFN phase
+    _prune_mlp(layer, stored, hidden, plan, switches, runtime, timer, out, spec, report,
+               past_memory_peak or (lambda: None))
+    out.update(stored)  # what the two phases did not release: the norms, unchanged
     if not torch.isfinite(hidden).all():
         report["non_finite"] = True
     return LayerResult({k: v for k, v in out.items() if k.startswith(prefix)}, spec, report)
+
+
+def _release(module: torch.nn.Module, stored: dict, prefix: str, projections: tuple[str, ...]) -> None:
+    """Drop dense projections whose pruned versions are in the output: from `stored` and `module`.
+
+    `prefix` is the module's full name with a trailing dot, e.g. "model.layers.3.mlp.".
+    """
+    for p in projections:
+        for kind in ("weight", "bias"):
+            stored.pop(f"{prefix}{p}.{kind}", None)
+        setattr(module, p, None)
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
 class _Output(dict):
@@ -165,7 +198,7 @@ class _Output(dict):
 @dataclass
 class _AttentionCache:
     head_outputs: list[torch.Tensor]  # A per batch (input of o_proj), compute dtype
-    moments: MomentAccumulator
+    moments: MomentAccumulator | None
 
 
 def _attention_pass(layer, hidden: torch.Tensor, runtime: LayerRuntime, timer: Timer) -> _AttentionCache:
@@ -215,7 +248,7 @@ def _prune_attention(layer, stored, cache: _AttentionCache, hidden, plan, units,
     attn = layer.self_attn
     prefix = LAYER_PREFIX.format(plan.layer) + "self_attn."
     head_dim = attn.head_dim
-    w_o = stored[prefix + "o_proj.weight"].to(runtime.device, torch.float64)
+    w_o = stored[prefix + "o_proj.weight"].to(runtime.device, _at_least_float32(runtime.dtype))
     b_o = stored.get(prefix + "o_proj.bias")
     b_o = None if b_o is None else b_o.to(runtime.device, torch.float64)
     n_heads = w_o.shape[1] // head_dim
@@ -223,17 +256,22 @@ def _prune_attention(layer, stored, cache: _AttentionCache, hidden, plan, units,
     fit: RegressionFit | None = None
     if plan.prunes_attention:
         with timer.phase("scoring"):
-            cov_a = cache.moments.covariance()
+            cov_a, mean_a = cache.moments.covariance(), cache.moments.mean()
+            cache.moments = None  # the float64 Gram: only its covariance is needed from here on
             stats = UnitStats.from_covariance(cov_a, w_o, units.heads_per_unit * head_dim)
+            del cov_a
             keep_units = _select_heads(stats, plan, units, switches, report)
         if switches.regression:
             with timer.phase("regression"):
                 keep_dev = keep_units.to(runtime.device)
-                fit = _attention_fit(stats, keep_dev, w_o, b_o, cache.moments.mean(), head_dim, units)
+                fit = _attention_fit(stats, keep_dev, w_o, b_o, mean_a, head_dim, units)
                 report["o_proj_fit"] = fit.summary()
     heads = _kept_heads(keep_units, units)
+    n_kv_kept = _write_qkv(attn, stored, out, prefix, heads, keep_units, units, head_dim)
     cols = _rows(heads, head_dim).to(runtime.device)
     new_w_o, new_b_o = w_o[:, cols], b_o
+    del w_o
+    _release(attn, stored, prefix, ("o_proj",))
     if fit is not None:
         new_w_o, new_b_o = apply_fit(new_w_o, b_o, fit)
     with timer.phase("forward"):
@@ -242,45 +280,52 @@ def _prune_attention(layer, stored, cache: _AttentionCache, hidden, plan, units,
             y = F.linear(a[..., cols], w_c, b_c)
             hidden[sl] = (hidden[sl].to(runtime.device) + y.float()).to(hidden.device)
     cache.head_outputs.clear()
-    _write_attention(stored, out, spec, prefix, heads, keep_units, units, head_dim, n_heads, new_w_o, new_b_o)
-    report.update(heads_kept=int(heads.numel()), heads_total=n_heads,
-                  kept_heads=heads.tolist(), kv_heads_kept=spec["num_key_value_heads"])
+    _set_linear(out, prefix + "o_proj", new_w_o, new_b_o)
+    spec.update(num_attention_heads=int(heads.numel()), num_key_value_heads=n_kv_kept, o_bias=new_b_o is not None)
+    report.update(heads_kept=int(heads.numel()), heads_total=n_heads, kept_heads=heads.tolist(),
+                  kv_heads_kept=n_kv_kept)
 
 
 def _attention_fit(stats: UnitStats, keep: torch.Tensor, w_o, b_o, mean_a, head_dim, units) -> RegressionFit:
     """o_proj regression in closed form: x = pruned output, y = dense output, both linear in A."""
-    s = torch.repeat_interleave(keep, units.heads_per_unit)
-    cols = _rows(s.nonzero().flatten().cpu(), head_dim).to(w_o.device)
+    kept_dims = torch.repeat_interleave(torch.repeat_interleave(keep, units.heads_per_unit), head_dim)
     s_units = keep.to(torch.float64)
     cov_xy = stats.r @ s_units
     var_x = torch.einsum("cuv,u,v->c", stats.M, s_units, s_units)
-    mean_x = w_o[:, cols] @ mean_a[cols]
-    mean_y = w_o @ mean_a
+    mean_x = _matvec64(w_o, mean_a * kept_dims)  # pruned heads contribute 0: no column copy of W_o
+    mean_y = _matvec64(w_o, mean_a)
     if b_o is not None:
         mean_x, mean_y = mean_x + b_o, mean_y + b_o
     return fit_from_moments(mean_x, mean_y, var_x, cov_xy, stats.var_y)
 
 
-def _write_attention(stored, out, spec, prefix, heads, keep_units, units: HeadUnits, head_dim, n_heads,
-                     new_w_o, new_b_o) -> None:
-    _take_rows(stored, out, prefix, ("q_proj",), _rows(heads, head_dim))
+def _matvec64(w: torch.Tensor, v: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """w @ v in float64, `chunk` rows of w at a time (no whole float64 copy of w)."""
+    return torch.cat([w[i:i + chunk].double() @ v.double() for i in range(0, w.shape[0], chunk)])
+
+
+def _write_qkv(attn, stored, out, prefix, heads, keep_units, units: HeadUnits, head_dim) -> int:
+    """Kept rows of q/k/v into the output (dense ones released); returns the number of KV heads kept."""
     n_kv = stored[prefix + "k_proj.weight"].shape[0] // head_dim
     kv_heads = torch.arange(n_kv)
     if units.kv_heads_per_unit:  # MHA heads or whole KV groups: k/v rows go with the unit
         kv_heads = keep_units.nonzero().flatten()
-    _take_rows(stored, out, prefix, ("k_proj", "v_proj"), _rows(kv_heads, head_dim))
-    _set_linear(out, prefix + "o_proj", new_w_o, new_b_o)
-    spec.update(num_attention_heads=int(heads.numel()), num_key_value_heads=int(kv_heads.numel()),
-                o_bias=new_b_o is not None)
+    _move_rows(stored, attn, out, prefix, ("q_proj",), _rows(heads, head_dim))
+    _move_rows(stored, attn, out, prefix, ("k_proj", "v_proj"), _rows(kv_heads, head_dim))
+    return int(kv_heads.numel())
 
 
-def _take_rows(stored: dict, out: dict, prefix: str, projections: tuple[str, ...], rows: torch.Tensor) -> None:
-    """Copy the kept output rows (weight and bias, where present) of unchanged projections."""
+def _move_rows(stored: dict, module, out: dict, prefix: str, projections: tuple[str, ...], rows: torch.Tensor) -> None:
+    """Put the kept output rows (weight and bias) of projections into the output and release the dense
+    ones, one projection at a time, so at most one projection is held both dense and pruned."""
     for p in projections:
-        weight = stored[prefix + f"{p}.weight"]
-        out[prefix + f"{p}.weight"] = weight[rows.to(weight.device)]
-        if prefix + f"{p}.bias" in stored:
-            out[prefix + f"{p}.bias"] = stored[prefix + f"{p}.bias"][rows.to(weight.device)]
+        for kind in ("weight", "bias"):
+            name = f"{prefix}{p}.{kind}"
+            if name in stored:
+                tensor = stored[name]
+                out[name] = tensor[rows.to(tensor.device)]
+                del tensor
+        _release(module, stored, prefix, (p,))
 
 
 def _set_linear(out: dict, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -294,14 +339,19 @@ def _set_linear(out: dict, name: str, weight: torch.Tensor, bias: torch.Tensor |
 # ----------------------------------------------------------------------------------------------
 
 
-def _mlp_inner(mlp, x: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
-    """act(gate(x)) * up(x) restricted to the channels `rows`."""
-    g = F.linear(x, mlp.gate_proj.weight[rows], None if mlp.gate_proj.bias is None else mlp.gate_proj.bias[rows])
-    u = F.linear(x, mlp.up_proj.weight[rows], None if mlp.up_proj.bias is None else mlp.up_proj.bias[rows])
-    return mlp.act_fn(g) * u
+def _kept_rows(linear: torch.nn.Linear, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of a projection restricted to the output rows `rows` (copies)."""
+    return linear.weight[rows], None if linear.bias is None else linear.bias[rows]
 
 
-def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer, out, spec, report) -> None:
+def _sum_of_squares(batch: torch.Tensor) -> torch.Tensor:
+    """Per-feature sum over a batch's tokens of x^2, in float64, without a float64 copy of the batch
+    (for a 7B FFN activation that copy and its square were 180 MB of temporaries per batch)."""
+    return torch.linalg.vector_norm(batch, dim=(0, 1), dtype=torch.float32).double().square()
+
+
+def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer, out, spec, report,
+               past_memory_peak: Callable[[], None]) -> None:
     """Score channels on the pruned-attention output, rewrite gate/up/down, finish the layer output."""
     mlp, norm = layer.mlp, layer.post_attention_layernorm
     prefix = LAYER_PREFIX.format(plan.layer) + "mlp."
@@ -314,25 +364,28 @@ def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer,
     for sl in runtime.batches(hidden.shape[0]):
         with timer.phase("forward"):
             xn = norm(hidden[sl].to(runtime.device, runtime.dtype))
-            z = _mlp_inner(mlp, xn, slice(None))
+            z = mlp.act_fn(mlp.gate_proj(xn)) * mlp.up_proj(xn)
             y = mlp.down_proj(z)
         if not collect:
             hidden[sl] = (hidden[sl].to(runtime.device) + y.float()).to(hidden.device)
             continue
         with timer.phase("statistics"):
-            x_sq += xn.double().pow(2).sum((0, 1))
-            z_sq += z.double().pow(2).sum((0, 1))
+            x_sq += _sum_of_squares(xn)
+            z_sq += _sum_of_squares(z)
             if y_moments is not None:
                 y_moments.add(y)
         dense_out.append(y)
     if not collect:
+        past_memory_peak()
         report.update(channels_kept=n_channels, channels_total=n_channels)
         return
     basis = None
     if y_moments is not None:
         with timer.phase("pca"):  # the C x C eigendecomposition, timed apart: it dominates on CPUs
-            basis = feature_space_basis(y_moments.covariance())
-        del y_moments
+            cov_y = y_moments.covariance().to(PCA_DTYPE)
+            del y_moments  # free the float64 Gram before the eigendecomposition's workspace exists
+            basis = feature_space_basis(cov_y)
+            del cov_y
     with timer.phase("scoring"):
         scores = channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, x_sq, z_sq, basis)
         del basis
@@ -340,39 +393,52 @@ def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer,
         keep_mask = torch.ones(n_channels, dtype=torch.bool, device=scores.device)
         keep_mask[pruned] = False
         kept = keep_mask.nonzero().flatten()
-    _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, runtime, timer, out, spec, report)
+    _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, runtime, timer, out, spec, report,
+                past_memory_peak)
     report.update(channels_kept=int(kept.numel()), channels_total=n_channels)
 
 
-def _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, runtime, timer, out, spec, report):
-    """Pruned FFN output per batch, regression against the dense output, then the layer output."""
-    sums = RegressionSums(mlp.down_proj.out_features, runtime.device)
-    w_down = mlp.down_proj.weight[:, kept]
+def _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, runtime, timer, out, spec, report,
+                past_memory_peak: Callable[[], None]):
+    """Pruned FFN output per batch, regression against the dense output, then the layer output.
+
+    The dense gate/up/down are sliced to the kept channels once and released, one at a time, before
+    the pruned forward: from there on only the pruned FFN is in memory, and the next layer's read
+    starts.
+    """
+    gate = _kept_rows(mlp.gate_proj, kept)  # compute-dtype copies for the pruned forward
+    _move_rows(stored, mlp, out, prefix, ("gate_proj",), kept)
+    up = _kept_rows(mlp.up_proj, kept)
+    _move_rows(stored, mlp, out, prefix, ("up_proj",), kept)
     b_down = mlp.down_proj.bias
+    new_w = stored[prefix + "down_proj.weight"][:, kept.cpu()].to(runtime.device, _at_least_float32(runtime.dtype))
+    old_b = stored.get(prefix + "down_proj.bias")
+    new_b = None if old_b is None else old_b.to(runtime.device, torch.float64)
+    _release(mlp, stored, prefix, ("down_proj",))
+    past_memory_peak()
+    w_down = new_w.to(runtime.dtype)  # the same tensor when computing in float32
+    sums = RegressionSums(new_w.shape[0], runtime.device)
     pruned_out: list[torch.Tensor] = []
     for sl, y in zip(runtime.batches(hidden.shape[0]), dense_out, strict=True):
         with timer.phase("forward"):
             xn = norm(hidden[sl].to(runtime.device, runtime.dtype))
-            x = F.linear(_mlp_inner(mlp, xn, kept), w_down, b_down)
+            x = F.linear(mlp.act_fn(F.linear(xn, *gate)) * F.linear(xn, *up), w_down, b_down)
         if switches.regression:
             with timer.phase("regression"):
                 sums.add(x, y)
         pruned_out.append(x)
     dense_out.clear()
-    stored_down = stored[prefix + "down_proj.weight"]
-    new_w = stored_down[:, kept.cpu()].to(runtime.device, torch.float64)
-    old_b = stored.get(prefix + "down_proj.bias")
-    new_b = None if old_b is None else old_b.to(runtime.device, torch.float64)
+    del gate, up, w_down
     scale = shift = None
     if switches.regression:
         fit = sums.fit()
         new_w, new_b = apply_fit(new_w, new_b, fit)
         scale, shift = fit.scale.float(), fit.shift.float()
         report["down_proj_fit"] = fit.summary()
+    _set_linear(out, prefix + "down_proj", new_w, new_b)
+    del new_w
     with timer.phase("forward"):
         for sl, x in zip(runtime.batches(hidden.shape[0]), pruned_out, strict=True):
             x = x.float() if scale is None else x.float() * scale + shift
             hidden[sl] = (hidden[sl].to(runtime.device) + x).to(hidden.device)
-    _take_rows(stored, out, prefix, ("gate_proj", "up_proj"), kept)
-    _set_linear(out, prefix + "down_proj", new_w, new_b)
     spec.update(intermediate_size=int(kept.numel()), down_bias=new_b is not None)

@@ -83,9 +83,13 @@ class RegressionSums:
 
 
 def apply_fit(weight: torch.Tensor, bias: torch.Tensor | None, fit: RegressionFit) -> tuple[torch.Tensor, torch.Tensor]:
-    """W'[c, :] = a_c W[c, :] and bias' = a_c bias_c + b_c (bias is the layer's own, if it has one)."""
+    """W'[c, :] = a_c W[c, :] and bias' = a_c bias_c + b_c (bias is the layer's own, if it has one).
+
+    The weight is scaled in its own dtype (callers pass float32 or wider): one rounding of a product,
+    which the cast to the checkpoint dtype rounds again anyway, and no float64 copy of a large matrix.
+    """
     a = fit.scale.to(torch.float64)
-    new_w = (weight.double() * a[:, None]).to(weight.dtype)
+    new_w = weight * a.to(weight.dtype)[:, None]
     new_b = fit.shift.clone()
     if bias is not None:
         new_b += a * bias.double()

@@ -24,8 +24,11 @@ class MomentAccumulator:
     Rows are shifted by the first batch's mean before accumulating: E[xx^T] - mu mu^T cancels
     catastrophically for the few huge-mean dims LLaMA models have ("massive activations"), while the
     shifted sums stay small. Each batch's Gram is formed in float32 (fast on any GPU; float64 inputs
-    stay float64) and added to a float64 total.
+    stay float64), a block of columns at a time so the temporaries stay small, and added to a
+    float64 total.
     """
+
+    GRAM_BLOCK = 1024
 
     def __init__(self, dim: int, device: torch.device):
         self.count = 0
@@ -41,14 +44,17 @@ class MomentAccumulator:
         rows = rows - self.shift
         self.count += rows.shape[0]
         self.sum += rows.sum(0, dtype=torch.float64)
-        self.gram += (rows.T @ rows).double()
+        for start in range(0, rows.shape[1], self.GRAM_BLOCK):  # column blocks bound the temporaries
+            cols = slice(start, start + self.GRAM_BLOCK)
+            self.gram[:, cols] += rows.T @ rows[:, cols]
 
     def mean(self) -> torch.Tensor:
         return self.sum / self.count + self.shift.double()
 
     def covariance(self) -> torch.Tensor:
+        """gram / n - mu mu^T, built in one C x C allocation (no separate outer-product temporary)."""
         mu = self.sum / self.count
-        return self.gram / self.count - torch.outer(mu, mu)
+        return torch.addr(self.gram, mu, mu, beta=1.0 / self.count, alpha=-1.0)
 
 
 # ----------------------------------------------------------------------------------------------
