@@ -218,11 +218,12 @@ class _StopFlag:
 class LayerPrefetcher:
     """Reads the next layer on a background thread while the current one is computed.
 
-    The caller says when to start (`read_ahead`): the pruning pass starts it once the layer is past
-    its memory peak (the FFN eigendecomposition and scoring), so the read-ahead copy never adds to
-    that peak and still has the rest of the layer's compute to hide behind. At most two layers are
-    in host memory. Safetensors reads and torch copies release the GIL, so one worker thread is
-    enough to hide most of the read.
+    The caller says when to start (`read_ahead`). On a GPU the pruning pass starts it as soon as the
+    layer is on the device, to overlap the whole layer. On CPU the layer shares host memory with
+    the read-ahead copy, so the pass starts it once the layer's weights are released (only its
+    output and activations remain): the copy then never adds to the layer's peak, and it still
+    overlaps the output write and the hidden-state checkpoint. At most two layers are in host memory.
+    Safetensors reads and torch copies release the GIL, so one worker thread is enough.
     """
 
     def __init__(self, read_layer, num_layers: int, enabled: bool = True):
@@ -489,9 +490,11 @@ class StreamingPruner:
         if exact:  # the layer's own parameters are the stored values: no second copy of the layer
             prefix = LAYER_PREFIX.format(i)
             stored = {prefix + k: v for k, v in layer.state_dict().items()}
+        read_next = lambda: prefetcher.read_ahead(i + 1)  # noqa: E731
+        if runtime.device.type != "cpu":  # the layer lives in device memory: overlap its whole compute
+            read_next()
         result = prune_layer(layer, stored, hidden, plan, self.units, dense_spec, self.options.switches(),
-                             runtime, self.timer, self.storage_dtype,
-                             past_memory_peak=lambda: prefetcher.read_ahead(i + 1))
+                             runtime, self.timer, self.storage_dtype, weights_released=read_next)
         del layer, stored
         self._check_finite(hidden, i)
         fault_point(f"pass2:{i}")

@@ -25,7 +25,8 @@ from .scoring import (
     MomentAccumulator,
     UnitStats,
     channel_scores,
-    feature_space_basis,
+    feature_space_from_covariance,
+    feature_space_from_samples,
     greedy_swap,
     initial_keep,
     leave_one_out_scores,
@@ -130,7 +131,7 @@ def prune_layer(
     runtime: LayerRuntime,
     timer: Timer,
     out_dtype: torch.dtype,
-    past_memory_peak: Callable[[], None] | None = None,
+    weights_released: Callable[[], None] | None = None,
 ) -> LayerResult:
     """Prune `layer` per `plan`, overwrite `hidden` with the pruned layer's output, return new tensors.
 
@@ -141,9 +142,9 @@ def prune_layer(
 
     `layer` and `stored` are consumed: each dense weight is released (from both) as soon as its
     pruned version is in the output, so the dense layer and the pruned one are never both whole in
-    memory. `past_memory_peak` is called once the FFN's channels are chosen and its dense weights
-    released (the eigendecomposition and scoring temporaries are gone by then); the engine starts
-    reading the next layer there, so the read-ahead copy never adds to the layer's peak.
+    memory. `weights_released` is called once no weight of the layer is held any more, only its
+    output tensors and activations; on CPU the engine starts reading the next layer there, so the
+    read-ahead copy never coincides with the layer's memory peak.
     """
     prefix = LAYER_PREFIX.format(plan.layer)
     out = _Output(out_dtype)
@@ -153,7 +154,7 @@ def prune_layer(
     _prune_attention(layer, stored, attn_cache, hidden, plan, units, switches, runtime, timer, out, spec, report)
     del attn_cache  # its head outputs must not live on through the FFN phase
     _prune_mlp(layer, stored, hidden, plan, switches, runtime, timer, out, spec, report,
-               past_memory_peak or (lambda: None))
+               weights_released or (lambda: None))
     out.update(stored)  # what the two phases did not release: the norms, unchanged
     if not torch.isfinite(hidden).all():
         report["non_finite"] = True
@@ -351,7 +352,7 @@ def _sum_of_squares(batch: torch.Tensor) -> torch.Tensor:
 
 
 def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer, out, spec, report,
-               past_memory_peak: Callable[[], None]) -> None:
+               weights_released: Callable[[], None]) -> None:
     """Score channels on the pruned-attention output, rewrite gate/up/down, finish the layer output."""
     mlp, norm = layer.mlp, layer.post_attention_layernorm
     prefix = LAYER_PREFIX.format(plan.layer) + "mlp."
@@ -359,7 +360,12 @@ def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer,
     collect = plan.prunes_mlp
     x_sq = torch.zeros(mlp.gate_proj.in_features, dtype=torch.float64, device=runtime.device)
     z_sq = torch.zeros(n_channels, dtype=torch.float64, device=runtime.device)
-    y_moments = MomentAccumulator(mlp.down_proj.out_features, runtime.device) if switches.feature_space else None
+    # Fewer calibration tokens than output dims: the PCA comes from the token Gram (exact, cheaper),
+    # which needs only the mean of the outputs; otherwise from the C x C covariance.
+    from_tokens = hidden.shape[0] * hidden.shape[1] < mlp.down_proj.out_features
+    y_moments = None
+    if switches.feature_space:
+        y_moments = MomentAccumulator(mlp.down_proj.out_features, runtime.device, with_gram=not from_tokens)
     dense_out: list[torch.Tensor] = []
     for sl in runtime.batches(hidden.shape[0]):
         with timer.phase("forward"):
@@ -376,35 +382,38 @@ def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer,
                 y_moments.add(y)
         dense_out.append(y)
     if not collect:
-        past_memory_peak()
+        weights_released()
         report.update(channels_kept=n_channels, channels_total=n_channels)
         return
-    basis = None
+    feature_space = None
     if y_moments is not None:
-        with timer.phase("pca"):  # the C x C eigendecomposition, timed apart: it dominates on CPUs
-            cov_y = y_moments.covariance().to(PCA_DTYPE)
-            del y_moments  # free the float64 Gram before the eigendecomposition's workspace exists
-            basis = feature_space_basis(cov_y)
-            del cov_y
+        with timer.phase("pca"):  # the eigendecomposition, timed apart: it dominates on CPUs
+            if from_tokens:
+                feature_space = feature_space_from_samples(dense_out, y_moments.mean())
+            else:
+                cov_y = y_moments.covariance().to(PCA_DTYPE)
+                del y_moments  # free the float64 Gram before the eigendecomposition's workspace exists
+                feature_space = feature_space_from_covariance(cov_y)
+                del cov_y
     with timer.phase("scoring"):
-        scores = channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, x_sq, z_sq, basis)
-        del basis
+        scores = channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, x_sq, z_sq,
+                                feature_space)
+        del feature_space
         pruned = lowest_channels(scores, plan.prune_channels)
         keep_mask = torch.ones(n_channels, dtype=torch.bool, device=scores.device)
         keep_mask[pruned] = False
         kept = keep_mask.nonzero().flatten()
     _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, runtime, timer, out, spec, report,
-                past_memory_peak)
+                weights_released)
     report.update(channels_kept=int(kept.numel()), channels_total=n_channels)
 
 
 def _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, runtime, timer, out, spec, report,
-                past_memory_peak: Callable[[], None]):
+                weights_released: Callable[[], None]):
     """Pruned FFN output per batch, regression against the dense output, then the layer output.
 
     The dense gate/up/down are sliced to the kept channels once and released, one at a time, before
-    the pruned forward: from there on only the pruned FFN is in memory, and the next layer's read
-    starts.
+    the pruned forward: from there on only the pruned FFN is in memory.
     """
     gate = _kept_rows(mlp.gate_proj, kept)  # compute-dtype copies for the pruned forward
     _move_rows(stored, mlp, out, prefix, ("gate_proj",), kept)
@@ -415,7 +424,6 @@ def _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, ru
     old_b = stored.get(prefix + "down_proj.bias")
     new_b = None if old_b is None else old_b.to(runtime.device, torch.float64)
     _release(mlp, stored, prefix, ("down_proj",))
-    past_memory_peak()
     w_down = new_w.to(runtime.dtype)  # the same tensor when computing in float32
     sums = RegressionSums(new_w.shape[0], runtime.device)
     pruned_out: list[torch.Tensor] = []
@@ -437,6 +445,7 @@ def _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, ru
         report["down_proj_fit"] = fit.summary()
     _set_linear(out, prefix + "down_proj", new_w, new_b)
     del new_w
+    weights_released()
     with timer.phase("forward"):
         for sl, x in zip(runtime.batches(hidden.shape[0]), pruned_out, strict=True):
             x = x.float() if scale is None else x.float() * scale + shift

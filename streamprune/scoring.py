@@ -30,11 +30,11 @@ class MomentAccumulator:
 
     GRAM_BLOCK = 1024
 
-    def __init__(self, dim: int, device: torch.device):
+    def __init__(self, dim: int, device: torch.device, with_gram: bool = True):
         self.count = 0
         self.shift: torch.Tensor | None = None
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device) if with_gram else None
 
     def add(self, rows: torch.Tensor) -> None:
         rows = rows.reshape(-1, rows.shape[-1])
@@ -44,6 +44,8 @@ class MomentAccumulator:
         rows = rows - self.shift
         self.count += rows.shape[0]
         self.sum += rows.sum(0, dtype=torch.float64)
+        if self.gram is None:  # mean only
+            return
         for start in range(0, rows.shape[1], self.GRAM_BLOCK):  # column blocks bound the temporaries
             cols = slice(start, start + self.GRAM_BLOCK)
             self.gram[:, cols] += rows.T @ rows[:, cols]
@@ -186,18 +188,65 @@ def greedy_swap(stats: UnitStats, keep: torch.Tensor, buckets: torch.Tensor) -> 
 PCA_DTYPE = torch.float32
 
 
-def feature_space_basis(cov_y: torch.Tensor, dtype: torch.dtype = PCA_DTYPE) -> torch.Tensor:
-    """PCA of the FFN output, as the weighted eigenbasis B = V diag(w) with w_k = sigmoid(|l_k| / mean|l|).
+@dataclass
+class FeatureSpace:
+    """The PCA weighting of METHOD.md section 3 in the form the channel scores use:
+    ||q_i||^2 = floor * ||u_i||^2 + ||u_i basis||^2 for every down vector u_i (basis: C x r)."""
+
+    basis: torch.Tensor
+    floor: float = 0.0
+
+
+def feature_space_from_covariance(cov_y: torch.Tensor, dtype: torch.dtype = PCA_DTYPE) -> FeatureSpace:
+    """PCA of the FFN output covariance (C x C): basis = V diag(w), w_k = sigmoid(|l_k| / mean|l|).
 
     METHOD.md's q_i = |u_i V| * w only enters the scores through its norm, and
-    ||q_i|| = || u_i V diag(w) || = || u_i B ||: the absolute value drops out, and folding w into the
-    basis once saves an I x C multiply per channel chunk.
+    ||q_i|| = || u_i V diag(w) ||: the absolute value drops out, and folding w into the basis once
+    saves an I x C multiply per channel chunk.
     """
     eigvals, eigvecs = torch.linalg.eigh(cov_y.to(dtype))
     mag = eigvals.abs()
     weights = torch.sigmoid(mag / mag.mean().clamp(min=_EPS))
     eigvecs *= weights  # scales column k by w_k, in place: no second C x C buffer
-    return eigvecs
+    return FeatureSpace(eigvecs)
+
+
+def feature_space_from_samples(batches: list[torch.Tensor], mean: torch.Tensor,
+                               dtype: torch.dtype = PCA_DTYPE) -> FeatureSpace:
+    """The same weighting from the N x N token Gram, for when there are fewer tokens N than dims C.
+
+    The covariance S = Yc^T Yc / N then has rank below N: its other C - N eigenvalues are 0, with
+    weight sigmoid(0) = 1/2. Writing sum_k w_k^2 (u.v_k)^2 = |u|^2 / 4 + sum_k (w_k^2 - 1/4)(u.v_k)^2,
+    only eigenvalues l_k > 0 are left in the sum, and those are the eigenvalues of K = Yc Yc^T / N,
+    with v_k = Yc^T a_k / sqrt(N l_k) for K's eigenvectors a_k. So
+        (w_k^2 - 1/4)(u.v_k)^2 = [(w_k^2 - 1/4) / l_k] (u . Yc^T a_k)^2 / N,
+    where the factor tends to 1 / (4 mean(l)) as l_k -> 0: bounded, so no division blows up. This
+    replaces the O(C^3) eigendecomposition by O(N^2 C + N^3) and the projection's I C^2 by I C N.
+    `batches` are the FFN outputs (any leading shape, last dim C) and `mean` their mean.
+    """
+    centred = [b.reshape(-1, b.shape[-1]).to(dtype) - mean.to(dtype) for b in batches]
+    dim, n = centred[0].shape[1], sum(c.shape[0] for c in centred)
+    starts = [0]
+    for c in centred:
+        starts.append(starts[-1] + c.shape[0])
+    gram = torch.empty(n, n, dtype=dtype, device=centred[0].device)
+    for i, ci in enumerate(centred):
+        for j, cj in enumerate(centred[: i + 1]):
+            block = ci @ cj.T / n
+            gram[starts[i]:starts[i + 1], starts[j]:starts[j + 1]] = block
+            gram[starts[j]:starts[j + 1], starts[i]:starts[i + 1]] = block.T
+    eigvals, eigvecs = torch.linalg.eigh(gram)
+    del gram
+    eigvals = eigvals.clamp(min=0)
+    mean_eig = (eigvals.sum() / dim).clamp(min=_EPS)  # the mean over all C eigenvalues, zeros included
+    x = eigvals / mean_eig
+    w = torch.sigmoid(x)
+    # (w^2 - 1/4) / l = (w + 1/2) (w - 1/2) / l, and w - 1/2 = tanh(x/2) / 2: evaluated without cancellation
+    tanh_over_x = torch.where(x > 1e-4, torch.tanh(x / 2) / x.clamp(min=1e-4), 0.5 - x * x / 24)
+    factor = (w + 0.5) * 0.5 * tanh_over_x / mean_eig
+    eigvecs *= torch.sqrt(factor / n)
+    basis = sum(c.T @ eigvecs[starts[i]:starts[i + 1]] for i, c in enumerate(centred))
+    return FeatureSpace(basis, floor=0.25)
 
 
 def channel_scores(
@@ -206,13 +255,13 @@ def channel_scores(
     w_down: torch.Tensor,
     x_sq_sum: torch.Tensor,
     z_sq_sum: torch.Tensor,
-    basis: torch.Tensor | None,
+    feature_space: FeatureSpace | None,
     chunk: int = 2048,
 ) -> torch.Tensor:
     """Channel score I_gate + I_up + I_down (METHOD.md section 3), float64, length I.
 
     x_sq_sum: per-feature sum of squares of the FFN input (C); z_sq_sum: per-channel sum of squares of
-    act(gate) * up (I); basis: `feature_space_basis` of the FFN output covariance. With basis None (the
+    act(gate) * up (I); feature_space: the PCA weighting of the FFN output. With None (the
     --no-feature-space ablation) I_down uses the plain norm of the down vector: no eigenbasis weighting.
     Channels are scored `chunk` at a time so the temporaries stay at chunk x C (a 70B layer's whole
     I x C in float64 would be 1.9 GB each).
@@ -224,10 +273,13 @@ def channel_scores(
         i_gate = torch.linalg.vector_norm(w_gate[rows].double() * n_x, dim=1)
         i_up = torch.linalg.vector_norm(w_up[rows].double() * n_x, dim=1)
         u = w_down[:, rows].T  # (chunk, C): row i is channel i's down vector
-        if basis is None:
-            q_norm = torch.linalg.vector_norm(u.double(), dim=1)
+        u_norm = torch.linalg.vector_norm(u, dim=1, dtype=torch.float64)
+        if feature_space is None:
+            q_norm = u_norm
         else:
-            q_norm = torch.linalg.vector_norm(u.to(basis.dtype) @ basis, dim=1, dtype=torch.float64)
+            basis = feature_space.basis
+            projected = torch.linalg.vector_norm(u.to(basis.dtype) @ basis, dim=1, dtype=torch.float64)
+            q_norm = torch.sqrt(feature_space.floor * u_norm.square() + projected.square())
         scores[rows] = i_gate + i_up + z_sq_sum[rows].double().sqrt() * q_norm
     return scores
 

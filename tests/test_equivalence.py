@@ -47,6 +47,7 @@ class Case:
     options: dict = field(default_factory=dict)
     biases: bool = False  # Llama with attention_bias and mlp_bias: o_proj / down_proj already have a bias
     expect_swaps: bool = False  # the greedy search changes the kept set somewhere (seen with these seeds)
+    calib: tuple[int, int] = (NSAMPLES, SEQLEN)  # (nsamples, seqlen)
 
 
 # batch_size 3 splits the 8 samples 3 + 3 + 2, so the engine's running statistics span several batches.
@@ -59,6 +60,9 @@ CASES = {
     "qwen2_gqa_heads": Case("qwen2", 8, 2, 0.3, {"gqa_mode": "heads", "batch_size": 3}, expect_swaps=True),
     "mistral_gqa_groups": Case("mistral", 8, 2, 0.3, {"gqa_mode": "groups"}),
     "llama_all_biases": Case("llama", 8, None, 0.3, biases=True, expect_swaps=True),
+    # 2 x 16 = 32 tokens < hidden 64: the engine takes the PCA from the token Gram, the reference from
+    # the C x C covariance, as METHOD.md writes it.
+    "few_tokens_llama": Case("llama", 8, None, 0.3, calib=(2, 16)),
     "ablation_mha_llama": Case("llama", 8, None, 0.3, {"greedy": False, "feature_space": False,
                                                        "regression": False}),
 }
@@ -98,9 +102,10 @@ def _prune_recording_ids(src: Path, out: Path, case: Case, calib: Path):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(StreamingPruner, "_calibration_ids", recording)
-        result = streamprune.prune(src, out, case.ratio, calib=str(calib), nsamples=NSAMPLES, seqlen=SEQLEN,
+        nsamples, seqlen = case.calib
+        result = streamprune.prune(src, out, case.ratio, calib=str(calib), nsamples=nsamples, seqlen=seqlen,
                                    seed=SEED, quiet=True, dtype="float32", device="cpu", **case.options)
-    assert len(seen) == 1 and seen[0].shape == (NSAMPLES, SEQLEN)
+    assert len(seen) == 1 and seen[0].shape == case.calib
     return result, seen[0]
 
 

@@ -10,7 +10,8 @@ from streamprune.scoring import (
     MomentAccumulator,
     UnitStats,
     channel_scores,
-    feature_space_basis,
+    feature_space_from_covariance,
+    feature_space_from_samples,
     greedy_swap,
     initial_keep,
     leave_one_out_scores,
@@ -106,8 +107,8 @@ def test_channel_scores_match_method_definition(pca_dtype):
     y = z @ wd.T
     acc = MomentAccumulator(c, torch.device("cpu"))
     acc.add(y)
-    basis = feature_space_basis(acc.covariance(), pca_dtype)
-    got = channel_scores(wg, wu, wd, (x * x).sum(0), (z * z).sum(0), basis, chunk=3)
+    fs = feature_space_from_covariance(acc.covariance(), pca_dtype)
+    got = channel_scores(wg, wu, wd, (x * x).sum(0), (z * z).sum(0), fs, chunk=3)
     # Direct: PCA of centred y, w_k = sigmoid(|l_k| / mean |l|), q_i = |u_i V| * w.
     yc = y - y.mean(0)
     lam, v = torch.linalg.eigh(yc.T @ yc / n)
@@ -118,6 +119,32 @@ def test_channel_scores_match_method_definition(pca_dtype):
     tol = 1e-9 if pca_dtype == torch.float64 else 1e-6
     torch.testing.assert_close(got, want, rtol=tol, atol=0)
     assert torch.equal(torch.argsort(got), torch.argsort(want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_feature_space_from_tokens_equals_the_covariance_route_when_tokens_are_few(dtype):
+    """Fewer tokens (N = 24) than dims (C = 40): the N x N token-Gram route must give the same
+    channel scores as the C x C eigendecomposition, including a huge-variance dim and exact zeros."""
+    g = torch.Generator().manual_seed(3)
+    n_batches, tokens, c, i = 3, 8, 40, 30
+    y = torch.randn(n_batches, tokens, c, generator=g, dtype=torch.float64) * torch.rand(c, generator=g)
+    y[..., 0] *= 400  # massive dim
+    y[..., 1] = 7.0  # constant dim: zero variance
+    y += torch.linspace(-3, 3, c, dtype=torch.float64)  # non-zero means
+    acc = MomentAccumulator(c, torch.device("cpu"))
+    for b in y:
+        acc.add(b)
+    wg, wu = torch.randn(i, c, generator=g, dtype=torch.float64), torch.randn(i, c, generator=g, dtype=torch.float64)
+    wd = torch.randn(c, i, generator=g, dtype=torch.float64)
+    x_sq, z_sq = torch.rand(c, generator=g, dtype=torch.float64), torch.rand(i, generator=g, dtype=torch.float64)
+    exact = channel_scores(wg, wu, wd, x_sq, z_sq, feature_space_from_covariance(acc.covariance(), torch.float64))
+    batches = [b[None] for b in y]  # (1, tokens, C) batches, as the engine keeps them
+    fs = feature_space_from_samples(batches, acc.mean(), dtype)
+    assert fs.basis.shape == (c, n_batches * tokens) and fs.floor == 0.25
+    got = channel_scores(wg, wu, wd, x_sq, z_sq, fs)
+    tol = 1e-10 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(got, exact, rtol=tol, atol=0)
+    assert torch.equal(torch.argsort(got), torch.argsort(exact))
 
 
 def test_regression_fit_is_least_squares_and_never_worse():

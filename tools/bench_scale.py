@@ -61,6 +61,8 @@ def baseline_rss_mb() -> float:
 
 
 def run_engine(ckpt: Path, out: Path, args: dict, prefetch: bool) -> dict:
+    """One `streamprune run` in a subprocess, from a cold page cache where the OS allows dropping it
+    (so the read-ahead is measured against real disk reads, as for a checkpoint larger than RAM)."""
     cmd = [sys.executable, "-m", "streamprune", "run", str(ckpt), str(out), "--ratio", str(args["ratio"]),
            "--calib", "random", "--nsamples", str(args["nsamples"]), "--seqlen", str(args["seqlen"]),
            "--device", args["device"], "--dtype", args["dtype"], "--batch-size", str(args["batch_size"]),
@@ -68,12 +70,14 @@ def run_engine(ckpt: Path, out: Path, args: dict, prefetch: bool) -> dict:
     if not prefetch:
         cmd.append("--no-prefetch")
     cmd += list(args.get("run_args", ()))
+    cold = drop_page_cache()
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise click.ClickException(f"streamprune failed: {done.stderr.strip()[-500:]}")
     report = json.loads(done.stdout)
     report["wall_seconds"] = time.perf_counter() - start
+    report["cold_cache"] = cold
     return report
 
 
@@ -98,6 +102,10 @@ def summarise(report: dict, ckpt: Path, args: dict) -> dict:
         "activations_mb": activations / 2**20,
         "budget_mb": (3 * layer_bytes + activations + max(sizes.values())) / 2**20,
         "peak_rss_mb": report["peak_rss_mb"],
+        # the budget solved for its layer multiple: how many checkpoint-dtype layers the peak holds
+        "layers_held": (report["peak_rss_mb"] - args["baseline_rss_mb"]
+                        - (activations + max(sizes.values())) / 2**20) / (layer_bytes / 2**20),
+        "cold_cache": report["cold_cache"],
         "peak_gpu_mb": report.get("peak_gpu_mb"),
         "wall_seconds": report["wall_seconds"],
         "per_layer_pass2_seconds": per_phase,
@@ -127,15 +135,16 @@ def _tensor_bytes(ckpt: Path) -> dict[str, int]:
 
 
 def markdown(rows: list[dict], baseline: float) -> str:
-    head = ("| layers | ckpt GB | layer MB | peak RSS MB | budget MB (+ baseline) | read floor s | wall s "
-            "| dense fwd s/layer | method s/layer | method / dense fwd | pass-2 compute / dense fwd |")
+    head = ("| layers | ckpt GB | layer MB | peak RSS MB | budget MB (+ baseline) | layers held | read floor s "
+            "| wall s | dense fwd s/layer | method s/layer | method / dense fwd | pass-2 compute / dense fwd |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         p = r["per_layer_pass2_seconds"]
         method = sum(p[k] for k in METHOD_PHASES)
         lines.append(
             f"| {r['layers']} | {r['checkpoint_gb']:.2f} | {r['layer_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['budget_mb']:.0f} (+{baseline:.0f}) | {r['read_floor_seconds']:.1f} | {r['wall_seconds']:.1f} | "
+            f"{r['budget_mb']:.0f} (+{baseline:.0f}) | {r['layers_held']:.2f} | {r['read_floor_seconds']:.1f} | "
+            f"{r['wall_seconds']:.1f} | "
             f"{r['per_layer_pass1_dense_forward_seconds'] or float('nan'):.2f} | {method:.2f} | "
             f"{r['method_over_dense_forward'] or float('nan'):.2f} | "
             f"{r['pass2_compute_over_dense_forward'] or float('nan'):.2f} |"
@@ -163,6 +172,7 @@ def main(preset, layer_counts, vocab, ckpt_dtype, dtype, device, ratio, nsamples
     args = {"ratio": ratio, "nsamples": nsamples, "seqlen": seqlen, "device": device, "dtype": dtype,
             "batch_size": batch_size, "run_args": run_args}
     baseline = baseline_rss_mb()
+    args["baseline_rss_mb"] = baseline
     rows = []
     for n in layer_counts:
         ckpt = workdir / f"{preset}-{n}L-{ckpt_dtype}"
@@ -177,6 +187,8 @@ def main(preset, layer_counts, vocab, ckpt_dtype, dtype, device, ratio, nsamples
             row["wall_seconds_without_prefetch"] = slow["wall_seconds"]
             waits = [layer["seconds"].get("read", 0.0) for layer in slow["layers"]]
             row["read_wait_per_layer_without_prefetch"] = mean(waits)
+            row["read_wait_per_layer_with_prefetch"] = row["per_layer_pass2_seconds"]["read"]
+            row["peak_rss_mb_without_prefetch"] = slow["peak_rss_mb"]
         rows.append(row)
         click.echo(json.dumps(row, indent=2), err=True)
     click.echo(f"baseline RSS (python + torch + transformers imported): {baseline:.0f} MB")
