@@ -3,9 +3,16 @@
 glibc's malloc serves blocks below its mmap threshold from heaps that it rarely gives back, and it
 raises that threshold (up to 32 MiB) every time a large block is freed. A layer-streaming run frees
 and reallocates tens of MiB-sized activation and weight blocks per layer, so the heaps fill with
-free-but-resident memory: on the 7B-shaped benchmark that was 180 MB of the peak RSS (2068 MB with
-the default, 1892 MB with a fixed 1 MiB threshold, same wall time). A fixed threshold makes every
-block of 1 MiB or more its own mapping, returned to the OS the moment it is freed.
+free-but-resident memory. Fixing the threshold makes every block above it its own mapping, returned
+to the OS the moment it is freed. Measured (docs/performance.md), per setting, on the 7B-shaped
+2-layer benchmark and on SmolLM2-135M at 20 %:
+
+    glibc default              7B: 2068 MB (4 layers)        SmolLM2: 17.5 s, 690 MB
+    threshold 1 MiB            7B: 1767 MB, 80.5 s           SmolLM2: 25.3 s (mapping small blocks)
+    threshold 4 MiB, trim 256  7B: 1767 MB, 79.5 s           SmolLM2: 17.6 s, 690 MB
+
+Fixing the mmap threshold also fixes the trim threshold at twice its value, and trimming the heap
+top after every free is what slowed the small model; hence the explicit, larger trim threshold.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ import ctypes.util
 import resource
 import sys
 
-_M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
-MMAP_THRESHOLD_BYTES = 1 << 20
+_M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 4 << 20
+TRIM_THRESHOLD_BYTES = 256 << 20
 
 
 def peak_rss_mb() -> float:
@@ -25,11 +34,12 @@ def peak_rss_mb() -> float:
 
 
 def return_freed_memory_promptly() -> bool:
-    """Fix glibc's mmap threshold at 1 MiB for this process; False where the C library is not glibc."""
+    """Fix glibc's mmap and trim thresholds for this process; False where the C library is not glibc."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
