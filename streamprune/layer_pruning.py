@@ -92,9 +92,8 @@ def build_layer(config: StreamPruneConfig, layer_idx: int, tensors: dict[str, to
         layer = StreamPruneDecoderLayer(config, layer_idx)
     state = {}
     for name in [n for n in tensors if n.startswith(prefix)]:
-        tensor = tensors.pop(name) if consume else tensors[name]
+        tensor = tensors.pop(name) if consume else tensors[name]  # popped: freed once converted
         state[name[len(prefix):]] = tensor.to(runtime.device, runtime.dtype)
-        del tensor
     layer.load_state_dict(state, strict=True, assign=True)
     return layer.eval()
 

@@ -4,12 +4,14 @@ glibc's malloc serves blocks below its mmap threshold from heaps that it rarely 
 raises that threshold (up to 32 MiB) every time a large block is freed. A layer-streaming run frees
 and reallocates tens of MiB-sized activation and weight blocks per layer, so the heaps fill with
 free-but-resident memory. Fixing the threshold makes every block above it its own mapping, returned
-to the OS the moment it is freed. Measured (docs/performance.md), per setting, on the 7B-shaped
-2-layer benchmark and on SmolLM2-135M at 20 %:
+to the OS the moment it is freed. Measured on the 2-core CPU (docs/performance.md), pruning the
+7B-shaped 2-layer checkpoint (32 x 128) and SmolLM2-135M at 20 %:
 
-    glibc default              7B: 2068 MB (4 layers)        SmolLM2: 17.5 s, 690 MB
-    threshold 1 MiB            7B: 1767 MB, 80.5 s           SmolLM2: 25.3 s (mapping small blocks)
-    threshold 4 MiB, trim 256  7B: 1767 MB, 79.5 s           SmolLM2: 17.6 s, 690 MB
+    glibc default              SmolLM2: 17.2-17.7 s, 682-701 MB
+    threshold 1 MiB            7B: 1767 MB, 80.5 s    SmolLM2: 26.2-26.7 s, 574-577 MB
+    threshold 4 MiB, trim 256  7B: 1767 MB, 79.5 s    SmolLM2: 17.6 s, 690 MB
+
+(An earlier commit's 7B 4-layer run went from 2068 MB with the default to 1892 MB with 1 MiB.)
 
 Fixing the mmap threshold also fixes the trim threshold at twice its value, and trimming the heap
 top after every free is what slowed the small model; hence the explicit, larger trim threshold.
