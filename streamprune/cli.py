@@ -84,6 +84,15 @@ def run_options(func: Callable) -> Callable:
         click.option("--uniform", is_flag=True, help="Ablation: same ratio in every layer (skips the dense pass)."),
         click.option("--no-regression", "regression", is_flag=True, flag_value=False, default=True,
                      help="Ablation: no linear-regression recovery of o_proj / down_proj."),
+        click.option("--recovery", type=click.Choice(["affine", "lstsq"]), default="affine", show_default=True,
+                     help="Recovery of o_proj / down_proj: per-row a*y+b (affine, the paper's) or a least-squares "
+                          "refit of every kept weight (lstsq)."),
+        click.option("--target", type=click.Choice(["pruned", "dense"]), default="pruned", show_default=True,
+                     help="What the least-squares recovery fits: each sub-layer's dense output on the pruned "
+                          "model's own hidden states (pruned), or the dense model's hidden states (dense: also "
+                          "corrects error carried in from earlier layers; one more dense forward per layer)."),
+        click.option("--damping", type=float, default=1e-2, show_default=True,
+                     help="Ridge of the least-squares recovery, relative to the mean diagonal of the Gram."),
     ]
     for option in reversed(options):
         func = option(func)

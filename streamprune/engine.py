@@ -48,7 +48,16 @@ from .checkpoint import (
 )
 from .errors import StreamPruneError
 from .faults import fault_point
-from .layer_pruning import LayerRuntime, MethodSwitches, Timer, build_layer, dense_forward, prune_layer
+from .layer_pruning import (
+    DenseTargets,
+    LayerRuntime,
+    MethodSwitches,
+    Timer,
+    build_layer,
+    dense_forward,
+    dense_forward_with_mid,
+    prune_layer,
+)
 from .memory import peak_rss_mb, return_freed_memory_promptly
 from .modeling import AUTO_MAP, REMOTE_CODE_FILES
 
@@ -75,11 +84,15 @@ class PruneOptions:
     feature_space: bool = True
     uniform: bool = False
     regression: bool = True
+    recovery: str = "affine"
+    damping: float = 1e-2
+    target: str = "pruned"
     batch_size: int = 8
     prefetch: bool = True
 
     def switches(self) -> MethodSwitches:
-        return MethodSwitches(greedy=self.greedy, feature_space=self.feature_space, regression=self.regression)
+        return MethodSwitches(greedy=self.greedy, feature_space=self.feature_space, regression=self.regression,
+                              recovery=self.recovery, damping=self.damping, target=self.target)
 
     def validate(self) -> None:
         if not 0 <= self.ratio < 1:
@@ -389,18 +402,22 @@ class StreamingPruner:
 
     # -- hidden-state checkpoints ---------------------------------------------------------------
 
-    def _save_hidden(self, state: RunState, hidden: torch.Tensor, tag: str) -> None:
+    def _save_hidden(self, state: RunState, hidden: torch.Tensor, tag: str,
+                     dense: torch.Tensor | None = None) -> None:
         name = f"hidden-{tag}.safetensors"
         tmp = self.staging / (name + ".tmp")
-        save_file({"hidden": hidden.to("cpu").contiguous()}, str(tmp))
+        tensors = {"hidden": hidden.to("cpu").contiguous()}
+        if dense is not None:  # the dense model's stream, kept for least squares with target "dense"
+            tensors["dense"] = dense.to("cpu").contiguous()
+        save_file(tensors, str(tmp))
         os.replace(tmp, self.staging / name)
         old, state.data["hidden_file"] = state.data["hidden_file"], name
         state.save()
         if old and old != name:
             (self.staging / old).unlink(missing_ok=True)
 
-    def _load_hidden(self, state: RunState) -> torch.Tensor:
-        return load_file(str(self.staging / state.data["hidden_file"]))["hidden"].to(self.device)
+    def _load_hidden(self, state: RunState, key: str = "hidden") -> torch.Tensor:
+        return load_file(str(self.staging / state.data["hidden_file"]))[key].to(self.device)
 
     def _check_finite(self, hidden: torch.Tensor, layer: int) -> None:
         if not torch.isfinite(hidden).all():
@@ -463,24 +480,27 @@ class StreamingPruner:
         if done == L:  # killed after the last layer (e.g. while finalizing): nothing left to compute
             return
         hidden = self._load_hidden(state) if done else self._embed(ids)
+        dense_stream = None
+        if self.options.switches().dense_target:
+            dense_stream = self._load_hidden(state, "dense") if done else hidden.clone()
         runtime = self._runtime(hidden)
         bar = tqdm(range(done, L), desc="pass 2/2 (prune)", disable=self.quiet, unit="layer", initial=done, total=L)
         prefetcher = LayerPrefetcher(self._read_layer, L, self.options.prefetch)
         try:
             for i in bar:
                 before = dict(self.timer.seconds)
-                self._prune_one(i, prefetcher, hidden, runtime, allocation, writer, state)
+                self._prune_one(i, prefetcher, hidden, runtime, allocation, writer, state, dense_stream)
                 state.data["layer_reports"][-1]["seconds"] = self._phase_delta(before)
                 dense = state.data.get("pass1_seconds", [])
                 if i < len(dense):
                     state.data["layer_reports"][-1]["seconds"]["pass1_dense_forward"] = dense[i].get("dense_forward")
                 state.data["pass2_done"] = i + 1
-                self._save_hidden(state, hidden, f"p2-{i:05d}")
+                self._save_hidden(state, hidden, f"p2-{i:05d}", dense_stream)
                 self._check_stop(i, "pass 2")
         finally:
             prefetcher.close()
 
-    def _prune_one(self, i, prefetcher, hidden, runtime, allocation, writer, state) -> None:
+    def _prune_one(self, i, prefetcher, hidden, runtime, allocation, writer, state, dense=None) -> None:
         plan = allocation.plans[i]
         stored = self._layer_tensors(prefetcher, i)
         dense_spec = self.shape.dense_layer_spec()
@@ -490,11 +510,15 @@ class StreamingPruner:
         if exact:  # the layer's own parameters are the stored values: no second copy of the layer
             prefix = LAYER_PREFIX.format(i)
             stored = {prefix + k: v for k, v in layer.state_dict().items()}
+        targets = None
+        if dense is not None:  # advance the dense stream first: its states are this layer's targets
+            with self.timer.phase("dense_forward"):
+                targets = DenseTargets(dense_forward_with_mid(layer, dense, runtime), dense)
         read_next = lambda: prefetcher.read_ahead(i + 1)  # noqa: E731
         if runtime.device.type != "cpu":  # the layer lives in device memory: overlap its whole compute
             read_next()
         result = prune_layer(layer, stored, hidden, plan, self.units, dense_spec, self.options.switches(),
-                             runtime, self.timer, self.storage_dtype, weights_released=read_next)
+                             runtime, self.timer, self.storage_dtype, weights_released=read_next, targets=targets)
         del layer, stored
         self._check_finite(hidden, i)
         fault_point(f"pass2:{i}")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .allocation import HeadUnits, LayerPlan
 from .architecture import LAYER_PREFIX
+from .least_squares import DEFAULT_DAMPING, CrossMoments, refit_from_input_moments, refit_to_target
 from .modeling import StreamPruneConfig, StreamPruneDecoderLayer
 from .recovery import RegressionFit, RegressionSums, apply_fit, fit_from_moments
 from .scoring import (
@@ -42,6 +43,18 @@ class MethodSwitches:
     greedy: bool = True
     feature_space: bool = True
     regression: bool = True
+    recovery: str = "affine"  # with regression: "affine" (SlimLLM per-row a*y+b) or "lstsq" (least squares)
+    target: str = "pruned"  # least squares fits each sub-layer's dense output on the pruned stream ("pruned")
+    # or the dense model's own hidden states ("dense"), which also corrects error from earlier layers
+    damping: float = DEFAULT_DAMPING  # ridge of the least-squares recovery, relative to mean diag of the Gram
+
+    @property
+    def least_squares(self) -> bool:
+        return self.regression and self.recovery == "lstsq"
+
+    @property
+    def dense_target(self) -> bool:
+        return self.least_squares and self.target == "dense"
 
 
 class Timer:
@@ -111,6 +124,30 @@ def dense_forward(layer: StreamPruneDecoderLayer, hidden: torch.Tensor, runtime:
     return total / count
 
 
+@torch.no_grad()
+def dense_forward_with_mid(layer: StreamPruneDecoderLayer, hidden: torch.Tensor, runtime: LayerRuntime) -> torch.Tensor:
+    """Run the dense layer in place over `hidden`; returns the hidden states after its attention block.
+
+    These are the dense model's own targets for the least-squares recovery with target "dense".
+    """
+    mid = torch.empty_like(hidden)
+    attn, mlp = layer.self_attn, layer.mlp
+    for sl in runtime.batches(hidden.shape[0]):
+        x = hidden[sl].to(runtime.device, runtime.dtype)
+        h = x + attn(hidden_states=layer.input_layernorm(x), position_embeddings=runtime.position_embeddings)[0]
+        mid[sl] = h.float().to(hidden.device)
+        hidden[sl] = (h + mlp(layer.post_attention_layernorm(h))).float().to(hidden.device)
+    return mid
+
+
+@dataclass
+class DenseTargets:
+    """The dense model's hidden states after this layer's attention block (mid) and after the layer (out)."""
+
+    mid: torch.Tensor
+    out: torch.Tensor
+
+
 @dataclass
 class LayerResult:
     tensors: dict[str, torch.Tensor]  # output tensors, full names, storage dtype
@@ -131,6 +168,7 @@ def prune_layer(
     timer: Timer,
     out_dtype: torch.dtype,
     weights_released: Callable[[], None] | None = None,
+    targets: DenseTargets | None = None,
 ) -> LayerResult:
     """Prune `layer` per `plan`, overwrite `hidden` with the pruned layer's output, return new tensors.
 
@@ -149,11 +187,11 @@ def prune_layer(
     out = _Output(out_dtype)
     spec = dict(dense_spec)
     report: dict = {"layer": plan.layer}
-    attn_cache = _attention_pass(layer, hidden, runtime, timer)
+    attn_cache = _attention_pass(layer, hidden, runtime, timer, targets)
     _prune_attention(layer, stored, attn_cache, hidden, plan, units, switches, runtime, timer, out, spec, report)
     del attn_cache  # its head outputs must not live on through the FFN phase
     _prune_mlp(layer, stored, hidden, plan, switches, runtime, timer, out, spec, report,
-               weights_released or (lambda: None))
+               weights_released or (lambda: None), targets)
     out.update(stored)  # what the two phases did not release: the norms, unchanged
     if not torch.isfinite(hidden).all():
         report["non_finite"] = True
@@ -199,12 +237,19 @@ class _Output(dict):
 class _AttentionCache:
     head_outputs: list[torch.Tensor]  # A per batch (input of o_proj), compute dtype
     moments: MomentAccumulator | None
+    cross: CrossMoments | None = None  # A with the dense-model target of o_proj, when fitting to it
 
 
-def _attention_pass(layer, hidden: torch.Tensor, runtime: LayerRuntime, timer: Timer) -> _AttentionCache:
-    """Dense attention over all samples: keep each batch's head outputs and their running moments."""
+def _attention_pass(layer, hidden: torch.Tensor, runtime: LayerRuntime, timer: Timer,
+                    targets: DenseTargets | None) -> _AttentionCache:
+    """Dense attention over all samples: keep each batch's head outputs and their running moments
+    (and, with dense targets, their cross moments with what o_proj should add: mid_dense - input)."""
     attn = layer.self_attn
-    cache = _AttentionCache([], MomentAccumulator(attn.o_proj.in_features, runtime.device))
+    cross = None
+    if targets is not None:
+        cross = CrossMoments(attn.o_proj.in_features, attn.o_proj.out_features, runtime.device)
+    moments = cross.x if cross is not None else MomentAccumulator(attn.o_proj.in_features, runtime.device)
+    cache = _AttentionCache([], moments, cross)
     captured: list[torch.Tensor] = []
     handle = attn.o_proj.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     try:
@@ -214,7 +259,10 @@ def _attention_pass(layer, hidden: torch.Tensor, runtime: LayerRuntime, timer: T
                 attn(hidden_states=layer.input_layernorm(x), position_embeddings=runtime.position_embeddings)
                 a = captured.pop()
             with timer.phase("statistics"):
-                cache.moments.add(a)
+                if cache.cross is not None:
+                    cache.cross.add(a, targets.mid[sl].to(runtime.device) - x.float())
+                else:
+                    cache.moments.add(a)
             cache.head_outputs.append(a)
     finally:
         handle.remove()
@@ -259,9 +307,22 @@ def _prune_attention(layer, stored, cache: _AttentionCache, hidden, plan, units,
             cov_a, mean_a = cache.moments.covariance(), cache.moments.mean()
             cache.moments = None  # the float64 Gram: only its covariance is needed from here on
             stats = UnitStats.from_covariance(cov_a, w_o, units.heads_per_unit * head_dim)
-            del cov_a
+            if not switches.least_squares:
+                del cov_a
             keep_units = _select_heads(stats, plan, units, switches, report)
-        if switches.regression:
+        if switches.least_squares:
+            with timer.phase("regression"):
+                kept_dims = _rows(_kept_heads(keep_units, units), head_dim)
+                mask = torch.zeros(w_o.shape[1], dtype=torch.bool, device=runtime.device)
+                mask[kept_dims.to(runtime.device)] = True
+                if cache.cross is not None:
+                    ls_fit = refit_to_target(cache.cross, w_o[:, mask], b_o, switches.damping, kept=mask)
+                    cache.cross = None
+                else:
+                    ls_fit = refit_from_input_moments(cov_a, mean_a, mask, w_o, b_o, switches.damping)
+                del cov_a
+                report["o_proj_fit"] = ls_fit.summary()
+        elif switches.regression:
             with timer.phase("regression"):
                 keep_dev = keep_units.to(runtime.device)
                 fit = _attention_fit(stats, keep_dev, w_o, b_o, mean_a, head_dim, units)
@@ -274,6 +335,9 @@ def _prune_attention(layer, stored, cache: _AttentionCache, hidden, plan, units,
     _release(attn, stored, prefix, ("o_proj",))
     if fit is not None:
         new_w_o, new_b_o = apply_fit(new_w_o, b_o, fit)
+    elif plan.prunes_attention and switches.least_squares:
+        new_w_o, new_b_o = ls_fit.weight.to(new_w_o.dtype), ls_fit.bias
+        del ls_fit
     with timer.phase("forward"):
         w_c, b_c = new_w_o.to(runtime.dtype), None if new_b_o is None else new_b_o.to(runtime.dtype)
         for sl, a in zip(runtime.batches(hidden.shape[0]), cache.head_outputs, strict=True):
@@ -351,7 +415,7 @@ def _sum_of_squares(batch: torch.Tensor) -> torch.Tensor:
 
 
 def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer, out, spec, report,
-               weights_released: Callable[[], None]) -> None:
+               weights_released: Callable[[], None], targets: DenseTargets | None = None) -> None:
     """Score channels on the pruned-attention output, rewrite gate/up/down, finish the layer output."""
     mlp, norm = layer.mlp, layer.post_attention_layernorm
     prefix = LAYER_PREFIX.format(plan.layer) + "mlp."
@@ -403,12 +467,12 @@ def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer,
         keep_mask[pruned] = False
         kept = keep_mask.nonzero().flatten()
     _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, runtime, timer, out, spec, report,
-                weights_released)
+                weights_released, targets)
     report.update(channels_kept=int(kept.numel()), channels_total=n_channels)
 
 
 def _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, runtime, timer, out, spec, report,
-                weights_released: Callable[[], None]):
+                weights_released: Callable[[], None], targets: DenseTargets | None = None):
     """Pruned FFN output per batch, regression against the dense output, then the layer output.
 
     The dense gate/up/down are sliced to the kept channels once and released, one at a time, before
@@ -425,11 +489,20 @@ def _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, ru
     _release(mlp, stored, prefix, ("down_proj",))
     w_down = new_w.to(runtime.dtype)  # the same tensor when computing in float32
     sums = RegressionSums(new_w.shape[0], runtime.device)
-    pruned_out: list[torch.Tensor] = []
+    moments = CrossMoments(new_w.shape[1], new_w.shape[0], runtime.device) if switches.least_squares else None
+    pruned_out: list[torch.Tensor] = []  # the pruned FFN output per batch, or its input z_K for least squares
     for sl, y in zip(runtime.batches(hidden.shape[0]), dense_out, strict=True):
         with timer.phase("forward"):
             xn = norm(hidden[sl].to(runtime.device, runtime.dtype))
-            x = F.linear(mlp.act_fn(F.linear(xn, *gate)) * F.linear(xn, *up), w_down, b_down)
+            z = mlp.act_fn(F.linear(xn, *gate)) * F.linear(xn, *up)
+        if moments is not None:
+            with timer.phase("regression"):
+                t = y if targets is None else targets.out[sl].to(runtime.device) - hidden[sl].to(runtime.device)
+                moments.add(z, t)
+            pruned_out.append(z)
+            continue
+        with timer.phase("forward"):
+            x = F.linear(z, w_down, b_down)
         if switches.regression:
             with timer.phase("regression"):
                 sums.add(x, y)
@@ -437,7 +510,20 @@ def _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, ru
     dense_out.clear()
     del gate, up, w_down
     scale = shift = None
-    if switches.regression:
+    if moments is not None:
+        with timer.phase("regression"):
+            ls_fit = refit_to_target(moments, new_w, new_b, switches.damping)
+        del moments
+        new_w, new_b = ls_fit.weight.to(new_w.dtype), ls_fit.bias
+        report["down_proj_fit"] = ls_fit.summary()
+        del ls_fit
+        w_c, b_c = new_w.to(runtime.dtype), new_b.to(runtime.dtype)
+        with timer.phase("forward"):
+            for i, z in enumerate(pruned_out):  # in place: never both lists whole
+                pruned_out[i] = F.linear(z, w_c, b_c)
+            del z
+        del w_c, b_c
+    elif switches.regression:
         fit = sums.fit()
         new_w, new_b = apply_fit(new_w, new_b, fit)
         scale, shift = fit.scale.float(), fit.shift.float()
