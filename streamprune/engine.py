@@ -87,12 +87,15 @@ class PruneOptions:
     recovery: str = "affine"
     damping: float = 1e-2
     target: str = "pruned"
+    protect_lowest: float = 0.0
+    selection: str = "slimllm"
     batch_size: int = 8
     prefetch: bool = True
 
     def switches(self) -> MethodSwitches:
         return MethodSwitches(greedy=self.greedy, feature_space=self.feature_space, regression=self.regression,
-                              recovery=self.recovery, damping=self.damping, target=self.target)
+                              recovery=self.recovery, damping=self.damping, target=self.target,
+                              protect_lowest=self.protect_lowest, selection=self.selection)
 
     def validate(self) -> None:
         if not 0 <= self.ratio < 1:

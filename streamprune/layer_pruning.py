@@ -21,6 +21,7 @@ from .architecture import LAYER_PREFIX
 from .least_squares import DEFAULT_DAMPING, CrossMoments, refit_from_input_moments, refit_to_target
 from .modeling import StreamPruneConfig, StreamPruneDecoderLayer
 from .recovery import RegressionFit, RegressionSums, apply_fit, fit_from_moments
+from .refit_selection import keep_units_by_refit_error, prune_columns_by_refit_error
 from .scoring import (
     PCA_DTYPE,
     MomentAccumulator,
@@ -46,6 +47,8 @@ class MethodSwitches:
     recovery: str = "affine"  # with regression: "affine" (SlimLLM per-row a*y+b) or "lstsq" (least squares)
     target: str = "pruned"  # least squares fits each sub-layer's dense output on the pruned stream ("pruned")
     # or the dense model's own hidden states ("dense"), which also corrects error from earlier layers
+    selection: str = "slimllm"  # "slimllm" (Pearson heads, PCA channels) or "refit" (error left after the refit)
+    protect_lowest: float = 0.0  # fraction of lowest-scored FFN channels never pruned (official code: 0.01)
     damping: float = DEFAULT_DAMPING  # ridge of the least-squares recovery, relative to mean diag of the Gram
 
     @property
@@ -307,9 +310,14 @@ def _prune_attention(layer, stored, cache: _AttentionCache, hidden, plan, units,
             cov_a, mean_a = cache.moments.covariance(), cache.moments.mean()
             cache.moments = None  # the float64 Gram: only its covariance is needed from here on
             stats = UnitStats.from_covariance(cov_a, w_o, units.heads_per_unit * head_dim)
+            if switches.selection == "refit":
+                buckets = units.buckets()
+                keep_units = keep_units_by_refit_error(w_o, cov_a, units.heads_per_unit * head_dim, buckets,
+                                                       plan.prune_units_per_bucket, switches.damping)
+            else:
+                keep_units = _select_heads(stats, plan, units, switches, report)
             if not switches.least_squares:
                 del cov_a
-            keep_units = _select_heads(stats, plan, units, switches, report)
         if switches.least_squares:
             with timer.phase("regression"):
                 kept_dims = _rows(_kept_heads(keep_units, units), head_dim)
@@ -426,8 +434,10 @@ def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer,
     # Fewer calibration tokens than output dims: the PCA comes from the token Gram (exact, cheaper),
     # which needs only the mean of the outputs; otherwise from the C x C covariance.
     from_tokens = hidden.shape[0] * hidden.shape[1] < mlp.down_proj.out_features
-    y_moments = None
-    if switches.feature_space:
+    y_moments = z_moments = None
+    if switches.selection == "refit":
+        z_moments = MomentAccumulator(n_channels, runtime.device)
+    elif switches.feature_space:
         y_moments = MomentAccumulator(mlp.down_proj.out_features, runtime.device, with_gram=not from_tokens)
     dense_out: list[torch.Tensor] = []
     for sl in runtime.batches(hidden.shape[0]):
@@ -443,6 +453,8 @@ def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer,
             z_sq += _sum_of_squares(z)
             if y_moments is not None:
                 y_moments.add(y)
+            if z_moments is not None:
+                z_moments.add(z)
         dense_out.append(y)
     if not collect:
         weights_released()
@@ -459,11 +471,16 @@ def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer,
                 feature_space = feature_space_from_covariance(cov_y)
                 del cov_y
     with timer.phase("scoring"):
-        scores = channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, x_sq, z_sq,
-                                feature_space)
-        del feature_space
-        pruned = lowest_channels(scores, plan.prune_channels)
-        keep_mask = torch.ones(n_channels, dtype=torch.bool, device=scores.device)
+        if z_moments is not None:
+            pruned = prune_columns_by_refit_error(mlp.down_proj.weight, z_moments.covariance(), plan.prune_channels,
+                                                  switches.damping)
+            del z_moments
+        else:
+            scores = channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, x_sq, z_sq,
+                                    feature_space)
+            del feature_space
+            pruned = lowest_channels(scores, plan.prune_channels, switches.protect_lowest)
+        keep_mask = torch.ones(n_channels, dtype=torch.bool, device=pruned.device)
         keep_mask[pruned] = False
         kept = keep_mask.nonzero().flatten()
     _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, runtime, timer, out, spec, report,

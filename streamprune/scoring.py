@@ -284,6 +284,11 @@ def channel_scores(
     return scores
 
 
-def lowest_channels(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the `count` lowest-scoring channels (stable, so ties break by index)."""
-    return torch.argsort(scores, stable=True)[:count]
+def lowest_channels(scores: torch.Tensor, count: int, protect_lowest: float = 0.0) -> torch.Tensor:
+    """Indices of the `count` lowest-scoring channels (stable, so ties break by index).
+
+    `protect_lowest` > 0 is the official SlimLLM code's detail: the lowest-scored fraction of channels
+    is left alone and the next `count` are pruned (as many as the layer allows).
+    """
+    skip = min(round(protect_lowest * scores.numel()), scores.numel() - count)
+    return torch.argsort(scores, stable=True)[skip:skip + count]

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import streamprune
 from streamprune.cli import main
-from streamprune.evaluation import evaluate, text_windows
+from streamprune.evaluation import evaluate, final_hidden_states, text_windows
 from tests.conftest import CALIB
 from tests.tiny_models import CALIB_TEXT
 
@@ -55,6 +55,11 @@ def test_pruned_model_perplexity_kl_and_agreement(models, windows, calib_file, t
     assert pruned.kl_from_reference > 1e-4 and 0 < pruned.top1_agreement < 1
     itself = evaluate(dense, windows, reference_dir=dense, dtype="float32")
     assert abs(itself.kl_from_reference) < 1e-6 and itself.top1_agreement == 1.0
+    # A cached reference (its final hidden states) gives the same figures as streaming it again.
+    hidden = final_hidden_states(dense, windows, dtype="float32")
+    cached = evaluate(out, windows, reference_dir=dense, reference_hidden=hidden, dtype="float32")
+    assert cached.kl_from_reference == pytest.approx(pruned.kl_from_reference, rel=1e-9)
+    assert cached.top1_agreement == pruned.top1_agreement and cached.perplexity == pruned.perplexity
 
 
 def test_eval_cli_json(models, tmp_path):

@@ -96,3 +96,53 @@ def test_float32_batches_accumulate_like_float64():
     w = torch.zeros(4, 16, dtype=torch.float64)
     a, b = refit_to_target(exact, w, None), refit_to_target(single, w, None)
     assert torch.allclose(a.weight, b.weight, rtol=1e-4, atol=1e-5)
+
+
+def _refit_error(x: torch.Tensor, w: torch.Tensor, kept: torch.Tensor, damping: float) -> float:
+    acc = MomentAccumulator(x.shape[1], torch.device("cpu"))
+    acc.add(x)
+    return refit_from_input_moments(acc.covariance(), acc.mean(), kept, w, None, damping).mse_recovered
+
+
+def test_refit_selection_first_pick_is_the_cheapest_single_removal():
+    from streamprune.refit_selection import prune_columns_by_refit_error
+
+    x = _activations(400, 9, seed=8)
+    w = torch.randn(5, 9, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    acc = MomentAccumulator(9, torch.device("cpu"))
+    acc.add(x)
+    errors = []
+    for j in range(9):
+        kept = torch.ones(9, dtype=torch.bool)
+        kept[j] = False
+        errors.append(_refit_error(x, w, kept, 1e-8))
+    first = prune_columns_by_refit_error(w, acc.covariance(), 1, damping=1e-8)
+    assert int(first[0]) == min(range(9), key=errors.__getitem__)
+    # Greedy over three steps: never worse than removing the three smallest-norm columns.
+    three = prune_columns_by_refit_error(w, acc.covariance(), 3, damping=1e-8)
+    assert len(set(three.tolist())) == 3
+    greedy = torch.ones(9, dtype=torch.bool)
+    greedy[three] = False
+    naive = torch.ones(9, dtype=torch.bool)
+    naive[torch.argsort(w.norm(dim=0))[:3]] = False
+    assert _refit_error(x, w, greedy, 1e-8) <= _refit_error(x, w, naive, 1e-8) + 1e-12
+
+
+def test_unit_selection_respects_buckets_and_matches_exhaustive_search_for_one_unit():
+    from streamprune.refit_selection import keep_units_by_refit_error
+
+    x = _activations(500, 12, seed=10)  # 6 units of 2 columns, 2 buckets of 3 units
+    w = torch.randn(4, 12, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    acc = MomentAccumulator(12, torch.device("cpu"))
+    acc.add(x)
+    buckets = torch.tensor([0, 0, 0, 1, 1, 1])
+    keep = keep_units_by_refit_error(w, acc.covariance(), 2, buckets, 1, damping=1e-8)
+    assert keep.tolist().count(False) == 2 and not keep[:3].all() and not keep[3:].all()
+    # With one bucket and one unit to prune, the pick is the exhaustive minimum.
+    one = keep_units_by_refit_error(w, acc.covariance(), 2, torch.zeros(6, dtype=torch.long), 1, damping=1e-8)
+    errors = []
+    for u in range(6):
+        kept = torch.ones(12, dtype=torch.bool)
+        kept[2 * u:2 * u + 2] = False
+        errors.append(_refit_error(x, w, kept, 1e-8))
+    assert int((~one).nonzero()) == min(range(6), key=errors.__getitem__)
