@@ -91,6 +91,13 @@ def run_options(func: Callable) -> Callable:
                      help="What the least-squares recovery fits: each sub-layer's dense output on the pruned "
                           "model's own hidden states (pruned), or the dense model's hidden states (dense: also "
                           "corrects error carried in from earlier layers; one more dense forward per layer)."),
+        click.option("--selection", type=click.Choice(["slimllm", "refit"]), default="slimllm", show_default=True,
+                     help="How heads and FFN channels are chosen: SlimLLM's scores (Pearson similarity for heads, "
+                          "PCA feature space for channels) or by the error left after the least-squares refit "
+                          "(refit, optimal-brain-surgeon style)."),
+        click.option("--protect-lowest", type=float, default=0.0, show_default=True,
+                     help="Never prune this fraction of the lowest-scored FFN channels (the official SlimLLM "
+                          "code uses 0.01)."),
         click.option("--damping", type=float, default=1e-2, show_default=True,
                      help="Ridge of the least-squares recovery, relative to the mean diagonal of the Gram."),
     ]

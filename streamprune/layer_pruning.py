@@ -471,10 +471,12 @@ def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer,
                 feature_space = feature_space_from_covariance(cov_y)
                 del cov_y
     with timer.phase("scoring"):
+        z_stats = None
         if z_moments is not None:
-            pruned = prune_columns_by_refit_error(mlp.down_proj.weight, z_moments.covariance(), plan.prune_channels,
-                                                  switches.damping)
+            z_stats = (z_moments.covariance(), z_moments.mean())
             del z_moments
+            pruned = prune_columns_by_refit_error(mlp.down_proj.weight, z_stats[0], plan.prune_channels,
+                                                  switches.damping)
         else:
             scores = channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, x_sq, z_sq,
                                     feature_space)
@@ -484,12 +486,13 @@ def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer,
         keep_mask[pruned] = False
         kept = keep_mask.nonzero().flatten()
     _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, runtime, timer, out, spec, report,
-                weights_released, targets)
+                weights_released, targets, z_stats)
     report.update(channels_kept=int(kept.numel()), channels_total=n_channels)
 
 
 def _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, runtime, timer, out, spec, report,
-                weights_released: Callable[[], None], targets: DenseTargets | None = None):
+                weights_released: Callable[[], None], targets: DenseTargets | None = None,
+                z_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Pruned FFN output per batch, regression against the dense output, then the layer output.
 
     The dense gate/up/down are sliced to the kept channels once and released, one at a time, before
@@ -503,10 +506,24 @@ def _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, ru
     new_w = stored[prefix + "down_proj.weight"][:, kept.cpu()].to(runtime.device, _at_least_float32(runtime.dtype))
     old_b = stored.get(prefix + "down_proj.bias")
     new_b = None if old_b is None else old_b.to(runtime.device, torch.float64)
+    prefit = switches.least_squares and targets is None and z_stats is not None
+    if prefit:  # the refit follows from the FFN input covariance already gathered for the selection
+        with timer.phase("regression"):
+            w_full = stored[prefix + "down_proj.weight"].to(runtime.device, _at_least_float32(runtime.dtype))
+            mask = torch.zeros(w_full.shape[1], dtype=torch.bool, device=runtime.device)
+            mask[kept.to(runtime.device)] = True
+            ls_fit = refit_from_input_moments(*z_stats, mask, w_full, new_b, switches.damping)
+            del w_full, z_stats
+        new_w, new_b = ls_fit.weight.to(new_w.dtype), ls_fit.bias
+        report["down_proj_fit"] = ls_fit.summary()
+        del ls_fit
+        b_down = new_b.to(runtime.dtype)
     _release(mlp, stored, prefix, ("down_proj",))
     w_down = new_w.to(runtime.dtype)  # the same tensor when computing in float32
     sums = RegressionSums(new_w.shape[0], runtime.device)
-    moments = CrossMoments(new_w.shape[1], new_w.shape[0], runtime.device) if switches.least_squares else None
+    moments = None
+    if switches.least_squares and not prefit:
+        moments = CrossMoments(new_w.shape[1], new_w.shape[0], runtime.device)
     pruned_out: list[torch.Tensor] = []  # the pruned FFN output per batch, or its input z_K for least squares
     for sl, y in zip(runtime.batches(hidden.shape[0]), dense_out, strict=True):
         with timer.phase("forward"):
@@ -520,7 +537,7 @@ def _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, ru
             continue
         with timer.phase("forward"):
             x = F.linear(z, w_down, b_down)
-        if switches.regression:
+        if switches.regression and not prefit:
             with timer.phase("regression"):
                 sums.add(x, y)
         pruned_out.append(x)
@@ -540,7 +557,7 @@ def _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, ru
                 pruned_out[i] = F.linear(z, w_c, b_c)
             del z
         del w_c, b_c
-    elif switches.regression:
+    elif switches.regression and not prefit:
         fit = sums.fit()
         new_w, new_b = apply_fit(new_w, new_b, fit)
         scale, shift = fit.scale.float(), fit.shift.float()

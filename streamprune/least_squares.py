@@ -117,7 +117,7 @@ def refit_to_target(moments: CrossMoments, w_kept: torch.Tensor, b: torch.Tensor
     cov_kk, cov_kt, mean_k = moments.x.covariance(), moments.cov_xt(), moments.x.mean()
     if kept is not None:
         idx = kept.nonzero().flatten()
-        cov_kk, cov_kt, mean_k = cov_kk[idx][:, idx], cov_kt[idx], mean_k[idx]
+        cov_kk, cov_kt, mean_k = cov_kk[idx[:, None], idx], cov_kt[idx], mean_k[idx]
     mean_t = moments.mean_t()
     w_k = w_kept.double()
     factor, lam = _damped_cholesky(cov_kk, damping)
@@ -140,8 +140,8 @@ def refit_from_input_moments(cov: torch.Tensor, mean: torch.Tensor, kept: torch.
     sides instead of `out`.
     """
     k_idx, p_idx = kept.nonzero().flatten(), (~kept).nonzero().flatten()
-    cov_kk = cov[k_idx][:, k_idx]
-    cov_kp = cov[k_idx][:, p_idx]
+    cov_kk = cov[k_idx[:, None], k_idx]  # advanced indexing on both axes: no |K| x n intermediate
+    cov_kp = cov[k_idx[:, None], p_idx]
     w_k, w_p = w[:, k_idx].double(), w[:, p_idx].double()
     factor, lam = _damped_cholesky(cov_kk, damping)
     g = torch.cholesky_solve(cov_kp, factor)  # (C_KK + lambda I)^-1 C_KP, |K| x |P|
@@ -149,8 +149,9 @@ def refit_from_input_moments(cov: torch.Tensor, mean: torch.Tensor, kept: torch.
     b_old = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if b is None else b.double()
     bias = b_old + w_p @ (mean[p_idx] - g.T @ mean[k_idx])
     # Errors of the pruned contribution e = W_P x_P (- its correction): E||e - mean e||^2 + ||mean e||^2.
-    removed = _quad(w_p, cov[p_idx][:, p_idx]) + float((w_p @ mean[p_idx]).square().sum())
-    resid = cov[p_idx][:, p_idx] - 2 * cov_kp.T @ g + g.T @ cov_kk @ g  # cov of x_P - G^T x_K
+    cov_pp = cov[p_idx[:, None], p_idx]
+    removed = _quad(w_p, cov_pp) + float((w_p @ mean[p_idx]).square().sum())
+    resid = cov_pp - 2 * cov_kp.T @ g + g.T @ cov_kk @ g  # cov of x_P - G^T x_K
     recovered = _quad(w_p, resid)
     out = w.shape[0]
     return LeastSquaresFit(weight, bias, damping, removed / out, max(recovered, 0.0) / out)

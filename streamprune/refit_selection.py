@@ -16,7 +16,9 @@ gone and the rest refitted,
 (SlimGPT and ZipLM use this family for structured pruning). A unit is one FFN channel (a column of
 down_proj) or one attention unit (the head_dim columns of o_proj of its query heads). Unlike the
 SlimLLM scores, the criterion knows that the refit will let the kept channels stand in for correlated
-pruned ones. Cost: one n x n inverse and O(n^2 + out n) per removed unit, all float64.
+pruned ones. Cost: one n x n inverse and O(n^2 + out n) per removed unit. The greedy runs in
+float32 by default (like GPTQ's inverse-Hessian updates): it only ranks candidates, and the refit
+itself (least_squares.py) is solved again in float64 from the float64 covariance.
 """
 
 from __future__ import annotations
@@ -25,18 +27,23 @@ import torch
 
 from .least_squares import DEFAULT_DAMPING
 
+SELECTION_DTYPE = torch.float32
 
-def _damped_inverse(cov: torch.Tensor, damping: float) -> torch.Tensor:
-    a = cov.double().clone()
+
+def _damped_inverse(cov: torch.Tensor, damping: float, dtype: torch.dtype) -> torch.Tensor:
+    """(cov + lambda I)^-1 in `dtype`, with at most two n x n temporaries of that dtype."""
+    a = cov.to(dtype, copy=True)
     a.diagonal().add_(damping * float(cov.diagonal().mean().clamp(min=1e-30)))
-    return torch.cholesky_inverse(torch.linalg.cholesky(a))
+    factor = torch.linalg.cholesky(a)
+    del a
+    return torch.cholesky_inverse(factor)
 
 
-def prune_columns_by_refit_error(w: torch.Tensor, cov: torch.Tensor, count: int,
-                                 damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+def prune_columns_by_refit_error(w: torch.Tensor, cov: torch.Tensor, count: int, damping: float = DEFAULT_DAMPING,
+                                 dtype: torch.dtype = SELECTION_DTYPE) -> torch.Tensor:
     """Indices of `count` input columns of `w` (out x n) to prune, greedily by refit error."""
-    hinv = _damped_inverse(cov, damping)
-    w = w.double().clone()
+    hinv = _damped_inverse(cov, damping, dtype)
+    w = w.to(dtype, copy=True)
     alive = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
     pruned = []
     for _ in range(count):
@@ -53,12 +60,14 @@ def prune_columns_by_refit_error(w: torch.Tensor, cov: torch.Tensor, count: int,
 
 
 def keep_units_by_refit_error(w: torch.Tensor, cov: torch.Tensor, unit_size: int, buckets: torch.Tensor,
-                              prune_per_bucket: int, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+                              prune_per_bucket: int, damping: float = DEFAULT_DAMPING,
+                              dtype: torch.dtype = SELECTION_DTYPE) -> torch.Tensor:
     """Keep mask over units (blocks of `unit_size` consecutive columns of `w`): in every bucket
     `prune_per_bucket` units are pruned, chosen greedily by refit error across all buckets."""
     n_units = w.shape[1] // unit_size
-    hinv = _damped_inverse(cov, damping)
-    w = w.double().clone()
+    hinv = _damped_inverse(cov, damping, dtype)
+    w = w.to(dtype, copy=True)
+    buckets = buckets.cpu()
     keep = torch.ones(n_units, dtype=torch.bool)
     quota = {int(b): prune_per_bucket for b in buckets.unique()}
     cols = torch.arange(w.shape[1], device=w.device).view(n_units, unit_size)

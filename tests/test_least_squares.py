@@ -116,10 +116,10 @@ def test_refit_selection_first_pick_is_the_cheapest_single_removal():
         kept = torch.ones(9, dtype=torch.bool)
         kept[j] = False
         errors.append(_refit_error(x, w, kept, 1e-8))
-    first = prune_columns_by_refit_error(w, acc.covariance(), 1, damping=1e-8)
+    first = prune_columns_by_refit_error(w, acc.covariance(), 1, damping=1e-8, dtype=torch.float64)
     assert int(first[0]) == min(range(9), key=errors.__getitem__)
     # Greedy over three steps: never worse than removing the three smallest-norm columns.
-    three = prune_columns_by_refit_error(w, acc.covariance(), 3, damping=1e-8)
+    three = prune_columns_by_refit_error(w, acc.covariance(), 3, damping=1e-8, dtype=torch.float64)
     assert len(set(three.tolist())) == 3
     greedy = torch.ones(9, dtype=torch.bool)
     greedy[three] = False
@@ -136,10 +136,11 @@ def test_unit_selection_respects_buckets_and_matches_exhaustive_search_for_one_u
     acc = MomentAccumulator(12, torch.device("cpu"))
     acc.add(x)
     buckets = torch.tensor([0, 0, 0, 1, 1, 1])
-    keep = keep_units_by_refit_error(w, acc.covariance(), 2, buckets, 1, damping=1e-8)
+    keep = keep_units_by_refit_error(w, acc.covariance(), 2, buckets, 1, damping=1e-8, dtype=torch.float64)
     assert keep.tolist().count(False) == 2 and not keep[:3].all() and not keep[3:].all()
     # With one bucket and one unit to prune, the pick is the exhaustive minimum.
-    one = keep_units_by_refit_error(w, acc.covariance(), 2, torch.zeros(6, dtype=torch.long), 1, damping=1e-8)
+    one = keep_units_by_refit_error(w, acc.covariance(), 2, torch.zeros(6, dtype=torch.long), 1, damping=1e-8,
+                                   dtype=torch.float64)
     errors = []
     for u in range(6):
         kept = torch.ones(12, dtype=torch.bool)
