@@ -84,9 +84,9 @@ def run_options(func: Callable) -> Callable:
         click.option("--uniform", is_flag=True, help="Ablation: same ratio in every layer (skips the dense pass)."),
         click.option("--no-regression", "regression", is_flag=True, flag_value=False, default=True,
                      help="Ablation: no linear-regression recovery of o_proj / down_proj."),
-        click.option("--recovery", type=click.Choice(["affine", "lstsq"]), default="affine", show_default=True,
-                     help="Recovery of o_proj / down_proj: per-row a*y+b (affine, the paper's) or a least-squares "
-                          "refit of every kept weight (lstsq)."),
+        click.option("--recovery", type=click.Choice(["lstsq", "affine"]), default="lstsq", show_default=True,
+                     help="Recovery of o_proj / down_proj: a least-squares refit of every kept weight (lstsq) or "
+                          "the paper's per-row a*y+b (affine)."),
         click.option("--target", type=click.Choice(["pruned", "dense"]), default="pruned", show_default=True,
                      help="What the least-squares recovery fits: each sub-layer's dense output on the pruned "
                           "model's own hidden states (pruned), or the dense model's hidden states (dense: also "
@@ -100,10 +100,26 @@ def run_options(func: Callable) -> Callable:
                           "code uses 0.01)."),
         click.option("--damping", type=float, default=1e-2, show_default=True,
                      help="Ridge of the least-squares recovery, relative to the mean diagonal of the Gram."),
+        click.option("--paper", is_flag=True,
+                     help="SlimLLM exactly as published: --recovery affine --selection slimllm --nsamples 32 "
+                          "(options given explicitly still win)."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def apply_paper_preset(options: dict) -> dict:
+    """Replace the method defaults by the paper's when --paper was given, keeping explicit options."""
+    from .engine import PAPER_METHOD
+
+    if not options.pop("paper", False):
+        return options
+    ctx = click.get_current_context()
+    for name, value in PAPER_METHOD.items():
+        if ctx.get_parameter_source(name) != click.core.ParameterSource.COMMANDLINE:
+            options[name] = value
+    return options
 
 
 @main.command()
@@ -129,6 +145,7 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cac
 
     from .engine import PruneOptions, StreamingPruner
 
+    options = apply_paper_preset(options)
     result = StreamingPruner(model_dir, out_dir, PruneOptions(**options), overwrite=overwrite, restart=restart,
                              quiet=quiet, shared_cache=shared_cache).run()
     r = result.report

@@ -66,6 +66,13 @@ STATE_NAME = "state.json"
 FORMAT_VERSION = 1
 
 
+CHOICES = {"recovery": ("lstsq", "affine"), "selection": ("slimllm", "refit"), "target": ("pruned", "dense")}
+# SlimLLM as published (METHOD.md): its calibration size, its per-row a*y+b recovery, its scores.
+# `streamprune run --paper` and `prune(..., **PAPER_METHOD)` select it.
+PAPER_METHOD = {"nsamples": 32, "recovery": "affine", "selection": "slimllm", "target": "pruned",
+                "protect_lowest": 0.0}
+
+
 @dataclass
 class PruneOptions:
     """Everything that decides the output. Mirrors `streamprune run`'s options one to one."""
@@ -84,7 +91,7 @@ class PruneOptions:
     feature_space: bool = True
     uniform: bool = False
     regression: bool = True
-    recovery: str = "affine"
+    recovery: str = "lstsq"
     damping: float = 1e-2
     target: str = "pruned"
     protect_lowest: float = 0.0
@@ -98,6 +105,14 @@ class PruneOptions:
                               protect_lowest=self.protect_lowest, selection=self.selection)
 
     def validate(self) -> None:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise StreamPruneError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                       f"got {getattr(self, name)!r}")
+        if not self.damping > 0:
+            raise StreamPruneError(f"--damping must be above 0, got {self.damping}")
+        if not 0 <= self.protect_lowest < 1:
+            raise StreamPruneError(f"--protect-lowest must be at least 0 and below 1, got {self.protect_lowest}")
         if not 0 <= self.ratio < 1:
             raise StreamPruneError(f"--ratio must be at least 0 and below 1, got {self.ratio}")
         if self.nsamples < 1:
@@ -723,4 +738,4 @@ def prune(model_dir: str | Path, out_dir: str | Path, ratio: float, *, overwrite
                            restart=restart, quiet=quiet, shared_cache=shared_cache).run()
 
 
-__all__ = ["INDEX_NAME", "PruneOptions", "PruneResult", "StreamingPruner", "prune", "read_report"]
+__all__ = ["INDEX_NAME", "PAPER_METHOD", "PruneOptions", "PruneResult", "StreamingPruner", "prune", "read_report"]

@@ -9,9 +9,10 @@ from .errors import StreamPruneError
 
 
 def report_table(report: dict) -> str:
-    """One row per layer: cosine score, planned ratio, heads / channels kept, parameters, regression a."""
+    """One row per layer: cosine score, planned ratio, heads / channels kept, parameters, and how much of
+    the error of plain removal each recovery left (o_proj, down_proj: recovered / removed mean squared error)."""
     header = f"{'layer':>5} {'cosine':>7} {'ratio':>6} {'heads':>7} {'kv':>3} {'channels':>11} " \
-             f"{'params before':>14} {'after':>12} {'o_proj a':>9} {'down a':>7}"
+             f"{'params before':>14} {'after':>12} {'o_proj err':>10} {'down err':>8}"
     rows = [header, "-" * len(header)]
     for layer in report["layers"]:
         score = "-" if layer.get("score") is None else f"{layer['score']:.4f}"
@@ -20,7 +21,7 @@ def report_table(report: dict) -> str:
             f"{layer['layer']:>5} {score:>7} {layer['plan_ratio']:>6.3f} "
             f"{layer['heads_kept']:>3}/{layer['heads_total']:<3} {layer['kv_heads_kept']:>3} "
             f"{layer['channels_kept']:>5}/{layer['channels_total']:<5} {layer['params_before']:>14,} "
-            f"{layer['params_after']:>12,} {_a(o_fit):>9} {_a(d_fit):>7}"
+            f"{layer['params_after']:>12,} {_left(o_fit):>10} {_left(d_fit):>8}"
         )
     rows.append("-" * len(header))
     rows.append(f"total parameters {report['params_before']:,} -> {report['params_after']:,} "
@@ -28,8 +29,11 @@ def report_table(report: dict) -> str:
     return "\n".join(rows)
 
 
-def _a(fit: dict | None) -> str:
-    return "-" if fit is None else f"{fit['a_mean']:.3f}"
+def _left(fit: dict | None) -> str:
+    """The share of the removal error that the recovery left (lower is better; 1.000 = no help)."""
+    if fit is None or not fit["mse_removed"]:
+        return "-"
+    return f"{fit['mse_recovered'] / fit['mse_removed']:.3f}"
 
 
 def report_figure(report: dict, path: Path) -> Path:

@@ -104,7 +104,8 @@ def _prune_recording_ids(src: Path, out: Path, case: Case, calib: Path):
         mp.setattr(StreamingPruner, "_calibration_ids", recording)
         nsamples, seqlen = case.calib
         result = streamprune.prune(src, out, case.ratio, calib=str(calib), nsamples=nsamples, seqlen=seqlen,
-                                   seed=SEED, quiet=True, dtype="float32", device="cpu", **case.options)
+                                   seed=SEED, quiet=True, dtype="float32", device="cpu",
+                                   **{"recovery": "affine", **case.options})
     assert len(seen) == 1 and seen[0].shape == case.calib
     return result, seen[0]
 
