@@ -58,7 +58,8 @@ def run_options(func: Callable) -> Callable:
                      help="Calibration text: a .txt/.jsonl/.json/.parquet file, a datasets spec "
                           "'name[:config][:split]' (needs the Hub), or 'self' to sample text from the model "
                           "itself (loads the whole model; for models that fit in memory)."),
-        click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration sequences."),
+        click.option("--nsamples", type=int, default=128, show_default=True,
+                     help="Calibration sequences (the least-squares refit needs more tokens than channels)."),
         click.option("--seqlen", type=int, default=128, show_default=True, help="Tokens per calibration sequence."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),

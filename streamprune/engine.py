@@ -79,7 +79,7 @@ class PruneOptions:
 
     ratio: float
     calib: str = "wikitext:wikitext-2-raw-v1:train"
-    nsamples: int = 32
+    nsamples: int = 128
     seqlen: int = 128
     seed: int = 0
     device: str = "cpu"
