@@ -5,6 +5,7 @@ from __future__ import annotations
 from click.testing import CliRunner
 
 from streamprune.cli import main
+from streamprune.engine import PruneOptions
 
 
 def test_run_prints_a_summary_and_writes_the_model(models, calib_file, tmp_path):
@@ -19,5 +20,33 @@ def test_run_prints_a_summary_and_writes_the_model(models, calib_file, tmp_path)
 def test_run_help_documents_every_option():
     result = CliRunner().invoke(main, ["run", "--help"])
     for option in ("--ratio", "--calib", "--nsamples", "--seqlen", "--seed", "--device", "--dtype", "--alpha",
-                   "--no-greedy", "--no-feature-space", "--uniform", "--no-regression", "--quiet", "--gqa-mode"):
+                   "--no-greedy", "--no-feature-space", "--uniform", "--no-regression", "--quiet", "--gqa-mode",
+                   "--paper", "--recovery", "--selection", "--target", "--damping", "--protect-lowest"):
         assert option in result.output
+
+
+def test_paper_preset_selects_the_published_method_and_explicit_options_win(models, calib_file, tmp_path):
+    import streamprune
+
+    base = ["run", str(models("llama-gqa")), "--ratio", "0.2", "--calib", str(calib_file), "--seqlen", "16",
+            "--quiet"]
+    result = CliRunner().invoke(main, [*base[:1], *base[1:2], str(tmp_path / "paper"), *base[2:], "--paper"])
+    assert result.exit_code == 0, result.output
+    options = streamprune.read_report(tmp_path / "paper")["options"]
+    assert (options["recovery"], options["selection"], options["nsamples"]) == ("affine", "slimllm", 32)
+    result = CliRunner().invoke(main, [*base[:2], str(tmp_path / "mixed"), *base[2:], "--paper", "--nsamples", "4",
+                                       "--recovery", "lstsq"])
+    assert result.exit_code == 0, result.output
+    options = streamprune.read_report(tmp_path / "mixed")["options"]
+    assert (options["recovery"], options["nsamples"]) == ("lstsq", 4)
+    default = PruneOptions(ratio=0.2)
+    assert (default.recovery, default.nsamples) == ("lstsq", 128)
+
+
+def test_bad_method_options_are_one_line_errors(models, calib_file, tmp_path):
+    for args, message in ((["--damping", "0"], "--damping must be above 0"),
+                          (["--protect-lowest", "1"], "--protect-lowest must be at least 0 and below 1")):
+        result = CliRunner().invoke(main, ["run", str(models("llama-gqa")), str(tmp_path / "o"), "--ratio", "0.2",
+                                           "--calib", str(calib_file), "--nsamples", "4", "--seqlen", "16", *args])
+        assert result.exit_code != 0 and message in result.output
+        assert "Traceback" not in result.output and not (tmp_path / "o").exists()

@@ -29,6 +29,7 @@ from pathlib import Path
 import click
 
 import streamprune
+from streamprune.engine import PAPER_METHOD
 from streamprune.evaluation import evaluate, final_hidden_states, text_windows
 from streamprune.gguf_convert import default_cache_dir, demo_model_dir
 from streamprune.loading import load_tokenizer
@@ -37,8 +38,8 @@ from streamprune.loading import load_tokenizer
 # `streamprune run` does with no method flags. Extend here to measure a new option.
 VARIANTS: dict[str, dict] = {
     "default": {},
-    "paper": {"method": "paper"},
-    "no recovery": {"recovery": "none"},
+    "paper": PAPER_METHOD,
+    "no recovery": {"regression": False},
     "no greedy": {"greedy": False},
     "no feature space": {"feature_space": False},
     "uniform": {"uniform": True},
