@@ -542,11 +542,12 @@ class StreamingPruner:
         fault_point(f"pass2:{i}")
         with self.timer.phase("write"):
             writer.write(i + 1, result.tensors)
-        result.report.update(plan_ratio=plan.ratio, score=plan.score,
-                             params_before=_layer_params(self.shape, dense_spec),
-                             params_after=_layer_params(self.shape, result.spec))
-        state.data["layer_specs"].append(result.spec)
-        state.data["layer_reports"].append(result.report)
+        spec = result.spec.to_dict()
+        report = result.report.to_dict()
+        report.update(plan_ratio=plan.ratio, score=plan.score, params_before=_layer_params(self.shape, dense_spec),
+                      params_after=_layer_params(self.shape, spec))
+        state.data["layer_specs"].append(spec)
+        state.data["layer_reports"].append(report)
 
     def _copy_non_layer(self, writer: ShardWriter) -> None:
         """Embeddings, final norm and lm_head, each in its own shard, one tensor in memory at a time."""

@@ -11,53 +11,17 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .allocation import HeadUnits, LayerPlan
 from .architecture import LAYER_PREFIX
-from .least_squares import DEFAULT_DAMPING, CrossMoments, refit_from_input_moments, refit_to_target
+from .least_squares import CrossMoments
+from .method_parts import ChannelStatistics, DownProjInput, HeadProblem, LayerReport, MethodParts, MethodSwitches
 from .modeling import StreamPruneConfig, StreamPruneDecoderLayer
-from .recovery import RegressionFit, RegressionSums, apply_fit, fit_from_moments
-from .refit_selection import keep_units_by_refit_error, prune_columns_by_refit_error
-from .scoring import (
-    PCA_DTYPE,
-    MomentAccumulator,
-    UnitStats,
-    channel_scores,
-    feature_space_from_covariance,
-    feature_space_from_samples,
-    greedy_swap,
-    initial_keep,
-    leave_one_out_scores,
-    lowest_channels,
-    similarity,
-)
-
-
-@dataclass(frozen=True)
-class MethodSwitches:
-    """The four parts of the method that ablations turn off (ratios are handled in allocation)."""
-
-    greedy: bool = True
-    feature_space: bool = True
-    regression: bool = True
-    recovery: str = "affine"  # with regression: "affine" (SlimLLM per-row a*y+b) or "lstsq" (least squares)
-    target: str = "pruned"  # least squares fits each sub-layer's dense output on the pruned stream ("pruned")
-    # or the dense model's own hidden states ("dense"), which also corrects error from earlier layers
-    selection: str = "slimllm"  # "slimllm" (Pearson heads, PCA channels) or "refit" (error left after the refit)
-    protect_lowest: float = 0.0  # fraction of lowest-scored FFN channels never pruned (official code: 0.01)
-    damping: float = DEFAULT_DAMPING  # ridge of the least-squares recovery, relative to mean diag of the Gram
-
-    @property
-    def least_squares(self) -> bool:
-        return self.regression and self.recovery == "lstsq"
-
-    @property
-    def dense_target(self) -> bool:
-        return self.least_squares and self.target == "dense"
+from .scoring import MomentAccumulator
 
 
 class Timer:
@@ -152,10 +116,26 @@ class DenseTargets:
 
 
 @dataclass
+class LayerSpec:
+    """One layer's sizes and bias flags: an entry of StreamPruneConfig.layer_configs."""
+
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    down_bias: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class LayerResult:
     tensors: dict[str, torch.Tensor]  # output tensors, full names, storage dtype
-    spec: dict  # sizes and bias flags for StreamPruneConfig.layer_configs
-    report: dict = field(default_factory=dict)
+    spec: LayerSpec
+    report: LayerReport
 
 
 @torch.no_grad()
@@ -186,34 +166,10 @@ def prune_layer(
     output tensors and activations; on CPU the engine starts reading the next layer there, so the
     read-ahead copy never coincides with the layer's memory peak.
     """
-    prefix = LAYER_PREFIX.format(plan.layer)
-    out = _Output(out_dtype)
-    spec = dict(dense_spec)
-    report: dict = {"layer": plan.layer}
-    attn_cache = _attention_pass(layer, hidden, runtime, timer, targets)
-    _prune_attention(layer, stored, attn_cache, hidden, plan, units, switches, runtime, timer, out, spec, report)
-    del attn_cache  # its head outputs must not live on through the FFN phase
-    _prune_mlp(layer, stored, hidden, plan, switches, runtime, timer, out, spec, report,
-               weights_released or (lambda: None), targets)
-    out.update(stored)  # what the two phases did not release: the norms, unchanged
-    if not torch.isfinite(hidden).all():
-        report["non_finite"] = True
-    return LayerResult({k: v for k, v in out.items() if k.startswith(prefix)}, spec, report)
-
-
-def _release(module: torch.nn.Module, stored: dict, prefix: str, projections: tuple[str, ...]) -> None:
-    """Drop dense projections whose pruned versions are in the output: from `stored` and `module`.
-
-    `prefix` is the module's full name with a trailing dot, e.g. "model.layers.3.mlp.".
-    """
-    for p in projections:
-        for kind in ("weight", "bias"):
-            stored.pop(f"{prefix}{p}.{kind}", None)
-        setattr(module, p, None)
-
-
-def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
+    job = LayerJob(layer, stored, hidden, plan, units, MethodParts.from_switches(switches), runtime, timer,
+                   _Output(out_dtype), LayerSpec(**dense_spec), LayerReport(plan.layer),
+                   weights_released or (lambda: None), targets)
+    return job.run()
 
 
 class _Output(dict):
@@ -231,45 +187,237 @@ class _Output(dict):
             self[name] = tensor
 
 
-# ----------------------------------------------------------------------------------------------
-# Attention
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclass
-class _AttentionCache:
-    head_outputs: list[torch.Tensor]  # A per batch (input of o_proj), compute dtype
-    moments: MomentAccumulator | None
-    cross: CrossMoments | None = None  # A with the dense-model target of o_proj, when fitting to it
+class LayerJob:
+    """One layer being pruned: the module, its weights, its calibration states, its budget, the parts.
+
+    Order (METHOD.md section 0): attention is scored, pruned and recovered first; the FFN is then
+    scored on the hidden states the *pruned* attention produces. `hidden` is updated in place, batch
+    by batch, so the layer's output becomes the next layer's input.
+    """
+
+    layer: StreamPruneDecoderLayer
+    stored: dict[str, torch.Tensor]
+    hidden: torch.Tensor
+    plan: LayerPlan
+    units: HeadUnits
+    parts: MethodParts
+    runtime: LayerRuntime
+    timer: Timer
+    out: _Output
+    spec: LayerSpec
+    report: LayerReport
+    weights_released: Callable[[], None]
+    targets: DenseTargets | None = None
+
+    def run(self) -> LayerResult:
+        prefix = LAYER_PREFIX.format(self.plan.layer)
+        self._prune_attention(*self._attention_pass())  # its head outputs die with the call
+        self._prune_mlp()
+        self.out.update(self.stored)  # what the two phases did not release: the norms, unchanged
+        if not torch.isfinite(self.hidden).all():
+            self.report.non_finite = True
+        return LayerResult({k: v for k, v in self.out.items() if k.startswith(prefix)}, self.spec, self.report)
+
+    def _batches(self) -> list[slice]:
+        return self.runtime.batches(self.hidden.shape[0])
+
+    def _add_to_hidden(self, sl: slice, y: torch.Tensor) -> None:
+        self.hidden[sl] = (self.hidden[sl].to(self.runtime.device) + y).to(self.hidden.device)
+
+    def _release(self, module: torch.nn.Module, prefix: str, projections: tuple[str, ...]) -> None:
+        """Drop dense projections whose pruned versions are in the output: from `stored` and `module`.
+
+        `prefix` is the module's full name with a trailing dot, e.g. "model.layers.3.mlp.".
+        """
+        for p in projections:
+            for kind in ("weight", "bias"):
+                self.stored.pop(f"{prefix}{p}.{kind}", None)
+            setattr(module, p, None)
+
+    def _move_rows(self, module, prefix: str, projections: tuple[str, ...], rows: torch.Tensor) -> None:
+        """Put the kept output rows (weight and bias) of projections into the output and release the
+        dense ones, one projection at a time, so at most one projection is held both dense and pruned."""
+        for p in projections:
+            for kind in ("weight", "bias"):
+                name = f"{prefix}{p}.{kind}"
+                if name in self.stored:
+                    tensor = self.stored[name]
+                    self.out[name] = tensor[rows.to(tensor.device)]
+                    del tensor
+            self._release(module, prefix, (p,))
+
+    def _set_linear(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.out[name + ".weight"] = weight
+        if bias is not None:
+            self.out[name + ".bias"] = bias
+
+    # -- attention ------------------------------------------------------------------------------
+
+    def _attention_pass(self) -> tuple[list[torch.Tensor], MomentAccumulator, CrossMoments | None]:
+        """Dense attention over all samples: each batch's head outputs A and their running moments
+        (and, with dense targets, their cross moments with what o_proj should add: mid_dense - input)."""
+        layer, rt = self.layer, self.runtime
+        attn = layer.self_attn
+        cross = None
+        if self.targets is not None:
+            cross = CrossMoments(attn.o_proj.in_features, attn.o_proj.out_features, rt.device)
+        moments = cross.x if cross is not None else MomentAccumulator(attn.o_proj.in_features, rt.device)
+        head_outputs: list[torch.Tensor] = []
+        captured: list[torch.Tensor] = []
+        handle = attn.o_proj.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        try:
+            for sl in self._batches():
+                with self.timer.phase("forward"):
+                    x = self.hidden[sl].to(rt.device, rt.dtype)
+                    attn(hidden_states=layer.input_layernorm(x), position_embeddings=rt.position_embeddings)
+                    a = captured.pop()
+                with self.timer.phase("statistics"):
+                    if cross is not None:
+                        cross.add(a, self.targets.mid[sl].to(rt.device) - x.float())
+                    else:
+                        moments.add(a)
+                head_outputs.append(a)
+        finally:
+            handle.remove()
+        return head_outputs, moments, cross
+
+    def _prune_attention(self, head_outputs: list[torch.Tensor], moments: MomentAccumulator,
+                         cross: CrossMoments | None) -> None:
+        """Choose heads, rewrite q/k/v/o, and add the pruned, recovered attention output to `hidden`."""
+        attn, rt, units = self.layer.self_attn, self.runtime, self.units
+        prefix = LAYER_PREFIX.format(self.plan.layer) + "self_attn."
+        head_dim = attn.head_dim
+        w_o = self.stored[prefix + "o_proj.weight"].to(rt.device, _at_least_float32(rt.dtype))
+        b_o = self.stored.get(prefix + "o_proj.bias")
+        b_o = None if b_o is None else b_o.to(rt.device, torch.float64)
+        n_heads = w_o.shape[1] // head_dim
+        keep_units = torch.ones(units.num_units, dtype=torch.bool)
+        recovered = None
+        if self.plan.prunes_attention:
+            with self.timer.phase("scoring"):
+                problem = HeadProblem(moments.covariance(), moments.mean(), w_o, b_o, self.plan, units, head_dim,
+                                      self.report, cross)
+                del moments  # the float64 Gram: only its covariance is needed from here on
+                keep_units = self.parts.heads.keep_units(problem)
+            with self.timer.phase("regression"):
+                recovered = self.parts.recovery.o_proj(problem, keep_units)
+            del problem
+        heads = _kept_heads(keep_units, units)
+        n_kv_kept = self._write_qkv(attn, prefix, heads, keep_units, head_dim)
+        cols = _rows(heads, head_dim).to(rt.device)
+        new_w_o, new_b_o = recovered if recovered is not None else (w_o[:, cols], b_o)
+        del w_o, recovered
+        self._release(attn, prefix, ("o_proj",))
+        with self.timer.phase("forward"):
+            w_c, b_c = new_w_o.to(rt.dtype), None if new_b_o is None else new_b_o.to(rt.dtype)
+            for sl, a in zip(self._batches(), head_outputs, strict=True):
+                self._add_to_hidden(sl, F.linear(a[..., cols], w_c, b_c).float())
+        head_outputs.clear()
+        self._set_linear(prefix + "o_proj", new_w_o, new_b_o)
+        self.spec.num_attention_heads, self.spec.num_key_value_heads = int(heads.numel()), n_kv_kept
+        self.spec.o_bias = new_b_o is not None
+        r = self.report
+        r.heads_kept, r.heads_total, r.kept_heads, r.kv_heads_kept = int(heads.numel()), n_heads, heads.tolist(), \
+            n_kv_kept
+
+    def _write_qkv(self, attn, prefix: str, heads, keep_units, head_dim: int) -> int:
+        """Kept rows of q/k/v into the output (dense ones released); returns the number of KV heads kept."""
+        n_kv = self.stored[prefix + "k_proj.weight"].shape[0] // head_dim
+        kv_heads = torch.arange(n_kv)
+        if self.units.kv_heads_per_unit:  # MHA heads or whole KV groups: k/v rows go with the unit
+            kv_heads = keep_units.nonzero().flatten()
+        self._move_rows(attn, prefix, ("q_proj",), _rows(heads, head_dim))
+        self._move_rows(attn, prefix, ("k_proj", "v_proj"), _rows(kv_heads, head_dim))
+        return int(kv_heads.numel())
+
+    # -- FFN ------------------------------------------------------------------------------------
+
+    def _prune_mlp(self) -> None:
+        """Score channels on the pruned-attention output, rewrite gate/up/down, finish the layer output."""
+        mlp, norm, rt = self.layer.mlp, self.layer.post_attention_layernorm, self.runtime
+        n_channels = mlp.gate_proj.out_features
+        if not self.plan.prunes_mlp:
+            for sl in self._batches():
+                with self.timer.phase("forward"):
+                    self._add_to_hidden(sl, mlp(norm(self.hidden[sl].to(rt.device, rt.dtype))).float())
+            self.weights_released()
+            self.report.channels_kept, self.report.channels_total = n_channels, n_channels
+            return
+        stats = self.parts.channels.statistics(mlp.gate_proj.in_features, n_channels, mlp.down_proj.out_features,
+                                               self.hidden.shape[0] * self.hidden.shape[1], rt.device)
+        self._ffn_statistics(stats)
+        choice = self.parts.channels.choose(mlp, stats, self.plan.prune_channels, self.timer)
+        keep_mask = torch.ones(n_channels, dtype=torch.bool, device=choice.pruned.device)
+        keep_mask[choice.pruned] = False
+        kept = keep_mask.nonzero().flatten()
+        self._finish_mlp(kept, stats.dense_out, choice.z_stats)
+        self.report.channels_kept, self.report.channels_total = int(kept.numel()), n_channels
+
+    def _ffn_statistics(self, stats: ChannelStatistics) -> None:
+        """The dense FFN over the pruned-attention output: the selector's statistics and the outputs."""
+        mlp, norm, rt = self.layer.mlp, self.layer.post_attention_layernorm, self.runtime
+        for sl in self._batches():
+            with self.timer.phase("forward"):
+                xn = norm(self.hidden[sl].to(rt.device, rt.dtype))
+                z = mlp.act_fn(mlp.gate_proj(xn)) * mlp.up_proj(xn)
+                y = mlp.down_proj(z)
+            with self.timer.phase("statistics"):
+                stats.add(xn, z, y)
+            stats.dense_out.append(y)
+
+    def _finish_mlp(self, kept: torch.Tensor, dense_out: list[torch.Tensor], z_stats) -> None:
+        """Pruned FFN per batch, recovery of down_proj, then the layer output.
+
+        The dense gate/up/down are sliced to the kept channels once and released, one at a time,
+        before the pruned forward: from there on only the pruned FFN is in memory.
+        """
+        mlp, norm, rt = self.layer.mlp, self.layer.post_attention_layernorm, self.runtime
+        prefix = LAYER_PREFIX.format(self.plan.layer) + "mlp."
+        gate = _kept_rows(mlp.gate_proj, kept)  # compute-dtype copies for the pruned forward
+        self._move_rows(mlp, prefix, ("gate_proj",), kept)
+        up = _kept_rows(mlp.up_proj, kept)
+        self._move_rows(mlp, prefix, ("up_proj",), kept)
+        w_name = prefix + "down_proj.weight"
+        w_kept = self.stored[w_name][:, kept.cpu()].to(rt.device, _at_least_float32(rt.dtype))
+        old_b = self.stored.get(prefix + "down_proj.bias")
+        inp = DownProjInput(w_kept, None if old_b is None else old_b.to(rt.device, torch.float64),
+                            mlp.down_proj.bias, rt.dtype, self.report)
+        with self.timer.phase("regression"):
+            fit = self.parts.recovery.down_proj(
+                inp, z_stats=z_stats, kept=kept,
+                w_full=lambda: self.stored[w_name].to(rt.device, _at_least_float32(rt.dtype)))
+        inp.w_kept = None  # `fit.w` holds it (or its refit) from here on
+        del z_stats, w_kept
+        self._release(mlp, prefix, ("down_proj",))
+        forward = fit.forward_weights
+        kept_out: list[torch.Tensor] = []  # the pruned FFN output per batch, or its input z_K
+        for sl, y in zip(self._batches(), dense_out, strict=True):
+            with self.timer.phase("forward"):
+                xn = norm(self.hidden[sl].to(rt.device, rt.dtype))
+                z = mlp.act_fn(F.linear(xn, *gate)) * F.linear(xn, *up)
+                x = None if forward is None else F.linear(z, *forward)
+            with self.timer.phase("regression"):
+                t = None
+                if self.targets is not None:
+                    t = self.targets.out[sl].to(rt.device) - self.hidden[sl].to(rt.device)
+                fit.observe(z, x, y, t)
+            kept_out.append(z if x is None else x)
+        dense_out.clear()
+        del gate, up, forward
+        with self.timer.phase("regression"):
+            fit.finish(kept_out)
+        self._set_linear(prefix + "down_proj", fit.w, fit.b)
+        self.spec.intermediate_size, self.spec.down_bias = int(kept.numel()), fit.b is not None
+        del fit.w
+        self.weights_released()
+        with self.timer.phase("forward"):
+            for sl, x in zip(self._batches(), kept_out, strict=True):
+                self._add_to_hidden(sl, fit.output(x))
 
 
-def _attention_pass(layer, hidden: torch.Tensor, runtime: LayerRuntime, timer: Timer,
-                    targets: DenseTargets | None) -> _AttentionCache:
-    """Dense attention over all samples: keep each batch's head outputs and their running moments
-    (and, with dense targets, their cross moments with what o_proj should add: mid_dense - input)."""
-    attn = layer.self_attn
-    cross = None
-    if targets is not None:
-        cross = CrossMoments(attn.o_proj.in_features, attn.o_proj.out_features, runtime.device)
-    moments = cross.x if cross is not None else MomentAccumulator(attn.o_proj.in_features, runtime.device)
-    cache = _AttentionCache([], moments, cross)
-    captured: list[torch.Tensor] = []
-    handle = attn.o_proj.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-    try:
-        for sl in runtime.batches(hidden.shape[0]):
-            with timer.phase("forward"):
-                x = hidden[sl].to(runtime.device, runtime.dtype)
-                attn(hidden_states=layer.input_layernorm(x), position_embeddings=runtime.position_embeddings)
-                a = captured.pop()
-            with timer.phase("statistics"):
-                if cache.cross is not None:
-                    cache.cross.add(a, targets.mid[sl].to(runtime.device) - x.float())
-                else:
-                    cache.moments.add(a)
-            cache.head_outputs.append(a)
-    finally:
-        handle.remove()
-    return cache
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _kept_heads(keep_units: torch.Tensor, units: HeadUnits) -> torch.Tensor:
@@ -281,292 +429,10 @@ def _rows(head_idx: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (head_idx[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
 
 
-def _select_heads(stats: UnitStats, plan: LayerPlan, units: HeadUnits, switches: MethodSwitches, report: dict):
-    scores = leave_one_out_scores(stats)
-    buckets = units.buckets().to(scores.device)
-    keep = initial_keep(scores, buckets, plan.prune_units_per_bucket)
-    report["similarity_initial"] = similarity(stats, keep)
-    if switches.greedy:
-        keep, history = greedy_swap(stats, keep, buckets)
-        report["greedy_swaps"] = sum(1 for a, b in zip(history, history[1:], strict=False) if b > a)
-    report["similarity_final"] = similarity(stats, keep)
-    return keep.cpu()
-
-
-def _prune_attention(layer, stored, cache: _AttentionCache, hidden, plan, units, switches, runtime, timer,
-                     out: dict, spec: dict, report: dict) -> None:
-    """Choose heads, rewrite q/k/v/o, and add the pruned, recovered attention output to `hidden`."""
-    attn = layer.self_attn
-    prefix = LAYER_PREFIX.format(plan.layer) + "self_attn."
-    head_dim = attn.head_dim
-    w_o = stored[prefix + "o_proj.weight"].to(runtime.device, _at_least_float32(runtime.dtype))
-    b_o = stored.get(prefix + "o_proj.bias")
-    b_o = None if b_o is None else b_o.to(runtime.device, torch.float64)
-    n_heads = w_o.shape[1] // head_dim
-    keep_units = torch.ones(units.num_units, dtype=torch.bool)
-    fit: RegressionFit | None = None
-    if plan.prunes_attention:
-        with timer.phase("scoring"):
-            cov_a, mean_a = cache.moments.covariance(), cache.moments.mean()
-            cache.moments = None  # the float64 Gram: only its covariance is needed from here on
-            stats = UnitStats.from_covariance(cov_a, w_o, units.heads_per_unit * head_dim)
-            if switches.selection == "refit":
-                buckets = units.buckets()
-                keep_units = keep_units_by_refit_error(w_o, cov_a, units.heads_per_unit * head_dim, buckets,
-                                                       plan.prune_units_per_bucket, switches.damping)
-            else:
-                keep_units = _select_heads(stats, plan, units, switches, report)
-            if not switches.least_squares:
-                del cov_a
-        if switches.least_squares:
-            with timer.phase("regression"):
-                kept_dims = _rows(_kept_heads(keep_units, units), head_dim)
-                mask = torch.zeros(w_o.shape[1], dtype=torch.bool, device=runtime.device)
-                mask[kept_dims.to(runtime.device)] = True
-                if cache.cross is not None:
-                    ls_fit = refit_to_target(cache.cross, w_o[:, mask], b_o, switches.damping, kept=mask)
-                    cache.cross = None
-                else:
-                    ls_fit = refit_from_input_moments(cov_a, mean_a, mask, w_o, b_o, switches.damping)
-                del cov_a
-                report["o_proj_fit"] = ls_fit.summary()
-        elif switches.regression:
-            with timer.phase("regression"):
-                keep_dev = keep_units.to(runtime.device)
-                fit = _attention_fit(stats, keep_dev, w_o, b_o, mean_a, head_dim, units)
-                report["o_proj_fit"] = fit.summary()
-    heads = _kept_heads(keep_units, units)
-    n_kv_kept = _write_qkv(attn, stored, out, prefix, heads, keep_units, units, head_dim)
-    cols = _rows(heads, head_dim).to(runtime.device)
-    new_w_o, new_b_o = w_o[:, cols], b_o
-    del w_o
-    _release(attn, stored, prefix, ("o_proj",))
-    if fit is not None:
-        new_w_o, new_b_o = apply_fit(new_w_o, b_o, fit)
-    elif plan.prunes_attention and switches.least_squares:
-        new_w_o, new_b_o = ls_fit.weight.to(new_w_o.dtype), ls_fit.bias
-        del ls_fit
-    with timer.phase("forward"):
-        w_c, b_c = new_w_o.to(runtime.dtype), None if new_b_o is None else new_b_o.to(runtime.dtype)
-        for sl, a in zip(runtime.batches(hidden.shape[0]), cache.head_outputs, strict=True):
-            y = F.linear(a[..., cols], w_c, b_c)
-            hidden[sl] = (hidden[sl].to(runtime.device) + y.float()).to(hidden.device)
-    cache.head_outputs.clear()
-    _set_linear(out, prefix + "o_proj", new_w_o, new_b_o)
-    spec.update(num_attention_heads=int(heads.numel()), num_key_value_heads=n_kv_kept, o_bias=new_b_o is not None)
-    report.update(heads_kept=int(heads.numel()), heads_total=n_heads, kept_heads=heads.tolist(),
-                  kv_heads_kept=n_kv_kept)
-
-
-def _attention_fit(stats: UnitStats, keep: torch.Tensor, w_o, b_o, mean_a, head_dim, units) -> RegressionFit:
-    """o_proj regression in closed form: x = pruned output, y = dense output, both linear in A."""
-    kept_dims = torch.repeat_interleave(torch.repeat_interleave(keep, units.heads_per_unit), head_dim)
-    s_units = keep.to(torch.float64)
-    cov_xy = stats.r @ s_units
-    var_x = torch.einsum("cuv,u,v->c", stats.M, s_units, s_units)
-    mean_x = _matvec64(w_o, mean_a * kept_dims)  # pruned heads contribute 0: no column copy of W_o
-    mean_y = _matvec64(w_o, mean_a)
-    if b_o is not None:
-        mean_x, mean_y = mean_x + b_o, mean_y + b_o
-    return fit_from_moments(mean_x, mean_y, var_x, cov_xy, stats.var_y)
-
-
-def _matvec64(w: torch.Tensor, v: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """w @ v in float64, `chunk` rows of w at a time (no whole float64 copy of w)."""
-    return torch.cat([w[i:i + chunk].double() @ v.double() for i in range(0, w.shape[0], chunk)])
-
-
-def _write_qkv(attn, stored, out, prefix, heads, keep_units, units: HeadUnits, head_dim) -> int:
-    """Kept rows of q/k/v into the output (dense ones released); returns the number of KV heads kept."""
-    n_kv = stored[prefix + "k_proj.weight"].shape[0] // head_dim
-    kv_heads = torch.arange(n_kv)
-    if units.kv_heads_per_unit:  # MHA heads or whole KV groups: k/v rows go with the unit
-        kv_heads = keep_units.nonzero().flatten()
-    _move_rows(stored, attn, out, prefix, ("q_proj",), _rows(heads, head_dim))
-    _move_rows(stored, attn, out, prefix, ("k_proj", "v_proj"), _rows(kv_heads, head_dim))
-    return int(kv_heads.numel())
-
-
-def _move_rows(stored: dict, module, out: dict, prefix: str, projections: tuple[str, ...], rows: torch.Tensor) -> None:
-    """Put the kept output rows (weight and bias) of projections into the output and release the dense
-    ones, one projection at a time, so at most one projection is held both dense and pruned."""
-    for p in projections:
-        for kind in ("weight", "bias"):
-            name = f"{prefix}{p}.{kind}"
-            if name in stored:
-                tensor = stored[name]
-                out[name] = tensor[rows.to(tensor.device)]
-                del tensor
-        _release(module, stored, prefix, (p,))
-
-
-def _set_linear(out: dict, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    out[name + ".weight"] = weight
-    if bias is not None:
-        out[name + ".bias"] = bias
-
-
-# ----------------------------------------------------------------------------------------------
-# FFN
-# ----------------------------------------------------------------------------------------------
-
-
 def _kept_rows(linear: torch.nn.Linear, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of a projection restricted to the output rows `rows` (copies)."""
     return linear.weight[rows], None if linear.bias is None else linear.bias[rows]
 
 
-def _sum_of_squares(batch: torch.Tensor) -> torch.Tensor:
-    """Per-feature sum over a batch's tokens of x^2, in float64, without a float64 copy of the batch
-    (for a 7B FFN activation that copy and its square were 180 MB of temporaries per batch)."""
-    return torch.linalg.vector_norm(batch, dim=(0, 1), dtype=torch.float32).double().square()
-
-
-def _prune_mlp(layer, stored, hidden, plan: LayerPlan, switches, runtime, timer, out, spec, report,
-               weights_released: Callable[[], None], targets: DenseTargets | None = None) -> None:
-    """Score channels on the pruned-attention output, rewrite gate/up/down, finish the layer output."""
-    mlp, norm = layer.mlp, layer.post_attention_layernorm
-    prefix = LAYER_PREFIX.format(plan.layer) + "mlp."
-    n_channels = mlp.gate_proj.out_features
-    collect = plan.prunes_mlp
-    x_sq = torch.zeros(mlp.gate_proj.in_features, dtype=torch.float64, device=runtime.device)
-    z_sq = torch.zeros(n_channels, dtype=torch.float64, device=runtime.device)
-    # Fewer calibration tokens than output dims: the PCA comes from the token Gram (exact, cheaper),
-    # which needs only the mean of the outputs; otherwise from the C x C covariance.
-    from_tokens = hidden.shape[0] * hidden.shape[1] < mlp.down_proj.out_features
-    y_moments = z_moments = None
-    if switches.selection == "refit":
-        z_moments = MomentAccumulator(n_channels, runtime.device)
-    elif switches.feature_space:
-        y_moments = MomentAccumulator(mlp.down_proj.out_features, runtime.device, with_gram=not from_tokens)
-    dense_out: list[torch.Tensor] = []
-    for sl in runtime.batches(hidden.shape[0]):
-        with timer.phase("forward"):
-            xn = norm(hidden[sl].to(runtime.device, runtime.dtype))
-            z = mlp.act_fn(mlp.gate_proj(xn)) * mlp.up_proj(xn)
-            y = mlp.down_proj(z)
-        if not collect:
-            hidden[sl] = (hidden[sl].to(runtime.device) + y.float()).to(hidden.device)
-            continue
-        with timer.phase("statistics"):
-            x_sq += _sum_of_squares(xn)
-            z_sq += _sum_of_squares(z)
-            if y_moments is not None:
-                y_moments.add(y)
-            if z_moments is not None:
-                z_moments.add(z)
-        dense_out.append(y)
-    if not collect:
-        weights_released()
-        report.update(channels_kept=n_channels, channels_total=n_channels)
-        return
-    feature_space = None
-    if y_moments is not None:
-        with timer.phase("pca"):  # the eigendecomposition, timed apart: it dominates on CPUs
-            if from_tokens:
-                feature_space = feature_space_from_samples(dense_out, y_moments.mean())
-            else:
-                cov_y = y_moments.covariance().to(PCA_DTYPE)
-                del y_moments  # free the float64 Gram before the eigendecomposition's workspace exists
-                feature_space = feature_space_from_covariance(cov_y)
-                del cov_y
-    with timer.phase("scoring"):
-        z_stats = None
-        if z_moments is not None:
-            z_stats = (z_moments.covariance(), z_moments.mean())
-            del z_moments
-            pruned = prune_columns_by_refit_error(mlp.down_proj.weight, z_stats[0], plan.prune_channels,
-                                                  switches.damping)
-        else:
-            scores = channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, x_sq, z_sq,
-                                    feature_space)
-            del feature_space
-            pruned = lowest_channels(scores, plan.prune_channels, switches.protect_lowest)
-        keep_mask = torch.ones(n_channels, dtype=torch.bool, device=pruned.device)
-        keep_mask[pruned] = False
-        kept = keep_mask.nonzero().flatten()
-    _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, runtime, timer, out, spec, report,
-                weights_released, targets, z_stats)
-    report.update(channels_kept=int(kept.numel()), channels_total=n_channels)
-
-
-def _finish_mlp(mlp, norm, stored, hidden, kept, dense_out, prefix, switches, runtime, timer, out, spec, report,
-                weights_released: Callable[[], None], targets: DenseTargets | None = None,
-                z_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """Pruned FFN output per batch, regression against the dense output, then the layer output.
-
-    The dense gate/up/down are sliced to the kept channels once and released, one at a time, before
-    the pruned forward: from there on only the pruned FFN is in memory.
-    """
-    gate = _kept_rows(mlp.gate_proj, kept)  # compute-dtype copies for the pruned forward
-    _move_rows(stored, mlp, out, prefix, ("gate_proj",), kept)
-    up = _kept_rows(mlp.up_proj, kept)
-    _move_rows(stored, mlp, out, prefix, ("up_proj",), kept)
-    b_down = mlp.down_proj.bias
-    new_w = stored[prefix + "down_proj.weight"][:, kept.cpu()].to(runtime.device, _at_least_float32(runtime.dtype))
-    old_b = stored.get(prefix + "down_proj.bias")
-    new_b = None if old_b is None else old_b.to(runtime.device, torch.float64)
-    prefit = switches.least_squares and targets is None and z_stats is not None
-    if prefit:  # the refit follows from the FFN input covariance already gathered for the selection
-        with timer.phase("regression"):
-            w_full = stored[prefix + "down_proj.weight"].to(runtime.device, _at_least_float32(runtime.dtype))
-            mask = torch.zeros(w_full.shape[1], dtype=torch.bool, device=runtime.device)
-            mask[kept.to(runtime.device)] = True
-            ls_fit = refit_from_input_moments(*z_stats, mask, w_full, new_b, switches.damping)
-            del w_full, z_stats
-        new_w, new_b = ls_fit.weight.to(new_w.dtype), ls_fit.bias
-        report["down_proj_fit"] = ls_fit.summary()
-        del ls_fit
-        b_down = new_b.to(runtime.dtype)
-    _release(mlp, stored, prefix, ("down_proj",))
-    w_down = new_w.to(runtime.dtype)  # the same tensor when computing in float32
-    sums = RegressionSums(new_w.shape[0], runtime.device)
-    moments = None
-    if switches.least_squares and not prefit:
-        moments = CrossMoments(new_w.shape[1], new_w.shape[0], runtime.device)
-    pruned_out: list[torch.Tensor] = []  # the pruned FFN output per batch, or its input z_K for least squares
-    for sl, y in zip(runtime.batches(hidden.shape[0]), dense_out, strict=True):
-        with timer.phase("forward"):
-            xn = norm(hidden[sl].to(runtime.device, runtime.dtype))
-            z = mlp.act_fn(F.linear(xn, *gate)) * F.linear(xn, *up)
-        if moments is not None:
-            with timer.phase("regression"):
-                t = y if targets is None else targets.out[sl].to(runtime.device) - hidden[sl].to(runtime.device)
-                moments.add(z, t)
-            pruned_out.append(z)
-            continue
-        with timer.phase("forward"):
-            x = F.linear(z, w_down, b_down)
-        if switches.regression and not prefit:
-            with timer.phase("regression"):
-                sums.add(x, y)
-        pruned_out.append(x)
-    dense_out.clear()
-    del gate, up, w_down
-    scale = shift = None
-    if moments is not None:
-        with timer.phase("regression"):
-            ls_fit = refit_to_target(moments, new_w, new_b, switches.damping)
-        del moments
-        new_w, new_b = ls_fit.weight.to(new_w.dtype), ls_fit.bias
-        report["down_proj_fit"] = ls_fit.summary()
-        del ls_fit
-        w_c, b_c = new_w.to(runtime.dtype), new_b.to(runtime.dtype)
-        with timer.phase("forward"):
-            for i, z in enumerate(pruned_out):  # in place: never both lists whole
-                pruned_out[i] = F.linear(z, w_c, b_c)
-            del z
-        del w_c, b_c
-    elif switches.regression and not prefit:
-        fit = sums.fit()
-        new_w, new_b = apply_fit(new_w, new_b, fit)
-        scale, shift = fit.scale.float(), fit.shift.float()
-        report["down_proj_fit"] = fit.summary()
-    _set_linear(out, prefix + "down_proj", new_w, new_b)
-    del new_w
-    weights_released()
-    with timer.phase("forward"):
-        for sl, x in zip(runtime.batches(hidden.shape[0]), pruned_out, strict=True):
-            x = x.float() if scale is None else x.float() * scale + shift
-            hidden[sl] = (hidden[sl].to(runtime.device) + x).to(hidden.device)
-    spec.update(intermediate_size=int(kept.numel()), down_bias=new_b is not None)
+__all__ = ["DenseTargets", "LayerJob", "LayerResult", "LayerRuntime", "LayerSpec", "MethodSwitches", "Timer",
+           "build_layer", "dense_forward", "dense_forward_with_mid", "prune_layer"]

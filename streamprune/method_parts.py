@@ -1,0 +1,443 @@
+"""The swappable parts of the per-layer method, and the options that choose them.
+
+A layer is pruned by three parts (layer_pruning.py runs them in order):
+
+- a **head selector**: which attention units to keep, from the attention output's covariance
+  (SlimLLM's Pearson scores with a greedy swap search, or the error left after a refit);
+- a **channel selector**: which FFN channels to prune, from statistics it asks the FFN pass to gather
+  (SlimLLM's feature-space scores, or the error left after a refit);
+- a **recovery** of the two output projections, o_proj and down_proj (none, SlimLLM's per-row
+  a*y+b, or a least-squares refit of every kept weight).
+
+`MethodParts.from_switches` builds them from the user's options; a new selector or recovery is a
+class with the same methods, added there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+
+from .allocation import HeadUnits, LayerPlan
+from .least_squares import DEFAULT_DAMPING, CrossMoments, LeastSquaresFit, refit_from_input_moments, refit_to_target
+from .recovery import RegressionFit, RegressionSums, apply_fit, fit_from_moments
+from .refit_selection import keep_units_by_refit_error, prune_columns_by_refit_error
+from .scoring import (
+    PCA_DTYPE,
+    MomentAccumulator,
+    UnitStats,
+    channel_scores,
+    feature_space_from_covariance,
+    feature_space_from_samples,
+    greedy_swap,
+    initial_keep,
+    leave_one_out_scores,
+    lowest_channels,
+    similarity,
+)
+
+
+@dataclass(frozen=True)
+class MethodSwitches:
+    """The user's method options (ratios are handled in allocation)."""
+
+    greedy: bool = True
+    feature_space: bool = True
+    regression: bool = True
+    recovery: str = "lstsq"  # with regression: "lstsq" (least squares) or "affine" (SlimLLM per-row a*y+b)
+    target: str = "pruned"  # least squares fits each sub-layer's dense output on the pruned stream ("pruned")
+    # or the dense model's own hidden states ("dense"), which also corrects error from earlier layers
+    selection: str = "slimllm"  # "slimllm" (Pearson heads, PCA channels) or "refit" (error left after the refit)
+    protect_lowest: float = 0.0  # fraction of lowest-scored FFN channels never pruned (official code: 0.01)
+    damping: float = DEFAULT_DAMPING  # ridge of the least-squares recovery, relative to mean diag of the Gram
+
+    @property
+    def least_squares(self) -> bool:
+        return self.regression and self.recovery == "lstsq"
+
+    @property
+    def dense_target(self) -> bool:
+        return self.least_squares and self.target == "dense"
+
+
+@dataclass
+class LayerReport:
+    """What happened in one layer, as written to the run report (None fields are left out)."""
+
+    layer: int
+    similarity_initial: float | None = None
+    greedy_swaps: int | None = None
+    similarity_final: float | None = None
+    o_proj_fit: dict | None = None
+    heads_kept: int | None = None
+    heads_total: int | None = None
+    kept_heads: list[int] | None = None
+    kv_heads_kept: int | None = None
+    down_proj_fit: dict | None = None
+    channels_kept: int | None = None
+    channels_total: int | None = None
+    non_finite: bool | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Heads
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadProblem:
+    """One layer's attention, as the head selector and the o_proj recovery see it."""
+
+    cov_a: torch.Tensor  # covariance of the o_proj input A (float64)
+    mean_a: torch.Tensor
+    w_o: torch.Tensor  # dense o_proj weight, at least float32
+    b_o: torch.Tensor | None  # dense o_proj bias, float64
+    plan: LayerPlan
+    units: HeadUnits
+    head_dim: int
+    report: LayerReport
+    cross: CrossMoments | None = None  # A with the dense-model target, for least squares to it
+
+    @property
+    def unit_size(self) -> int:
+        return self.units.heads_per_unit * self.head_dim
+
+    @cached_property
+    def unit_stats(self) -> UnitStats:
+        return UnitStats.from_covariance(self.cov_a, self.w_o, self.unit_size)
+
+    def kept_columns(self, keep_units: torch.Tensor) -> torch.Tensor:
+        """Bool mask over o_proj's input columns for the kept units."""
+        mask = torch.repeat_interleave(keep_units.to(self.w_o.device), self.unit_size)
+        return mask
+
+
+class SlimLLMHeads:
+    """METHOD.md section 2: leave-one-out Pearson similarity, then the greedy swap search."""
+
+    def __init__(self, greedy: bool):
+        self.greedy = greedy
+
+    def keep_units(self, p: HeadProblem) -> torch.Tensor:
+        stats = p.unit_stats
+        scores = leave_one_out_scores(stats)
+        buckets = p.units.buckets().to(scores.device)
+        keep = initial_keep(scores, buckets, p.plan.prune_units_per_bucket)
+        p.report.similarity_initial = similarity(stats, keep)
+        if self.greedy:
+            keep, history = greedy_swap(stats, keep, buckets)
+            p.report.greedy_swaps = sum(1 for a, b in zip(history, history[1:], strict=False) if b > a)
+        p.report.similarity_final = similarity(stats, keep)
+        return keep.cpu()
+
+
+class RefitHeads:
+    """Units chosen by the o_proj output error left after the least-squares refit (refit_selection.py)."""
+
+    def __init__(self, damping: float):
+        self.damping = damping
+
+    def keep_units(self, p: HeadProblem) -> torch.Tensor:
+        return keep_units_by_refit_error(p.w_o, p.cov_a, p.unit_size, p.units.buckets(),
+                                         p.plan.prune_units_per_bucket, self.damping)
+
+
+# ----------------------------------------------------------------------------------------------
+# FFN channels
+# ----------------------------------------------------------------------------------------------
+
+
+def _sum_of_squares(batch: torch.Tensor) -> torch.Tensor:
+    """Per-feature sum over a batch's tokens of x^2, in float64, without a float64 copy of the batch
+    (for a 7B FFN activation that copy and its square were 180 MB of temporaries per batch)."""
+    return torch.linalg.vector_norm(batch, dim=(0, 1), dtype=torch.float32).double().square()
+
+
+@dataclass
+class ChannelStatistics:
+    """Accumulated over the FFN pass on the pruned-attention output (what the selector asked for)."""
+
+    x_sq: torch.Tensor  # per-feature sum of squares of the FFN input
+    z_sq: torch.Tensor  # per-channel sum of squares of act(gate) * up
+    y_moments: MomentAccumulator | None = None  # FFN output, for the PCA
+    z_moments: MomentAccumulator | None = None  # FFN intermediate, for the refit error
+    dense_out: list[torch.Tensor] = field(default_factory=list)  # dense FFN output per batch
+
+    def add(self, xn: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> None:
+        self.x_sq += _sum_of_squares(xn)
+        self.z_sq += _sum_of_squares(z)
+        if self.y_moments is not None:
+            self.y_moments.add(y)
+        if self.z_moments is not None:
+            self.z_moments.add(z)
+
+
+@dataclass
+class ChannelChoice:
+    pruned: torch.Tensor  # channel indices
+    z_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # (cov, mean) of all channels, when gathered
+
+
+class SlimLLMChannels:
+    """METHOD.md section 3: I_gate + I_up + I_down with the PCA feature-space weighting (or plain norms)."""
+
+    def __init__(self, feature_space: bool, protect_lowest: float):
+        self.feature_space, self.protect_lowest = feature_space, protect_lowest
+
+    def statistics(self, n_in: int, n_channels: int, n_out: int, n_tokens: int, device) -> ChannelStatistics:
+        stats = _zero_stats(n_in, n_channels, device)
+        if self.feature_space:
+            # Fewer calibration tokens than output dims: the PCA comes from the token Gram (exact,
+            # cheaper), which needs only the mean of the outputs; otherwise from the C x C covariance.
+            stats.y_moments = MomentAccumulator(n_out, device, with_gram=n_tokens >= n_out)
+        return stats
+
+    def choose(self, mlp, stats: ChannelStatistics, count: int, timer) -> ChannelChoice:
+        feature_space = None
+        if stats.y_moments is not None:
+            with timer.phase("pca"):  # the eigendecomposition, timed apart: it dominates on CPUs
+                if stats.y_moments.gram is None:
+                    feature_space = feature_space_from_samples(stats.dense_out, stats.y_moments.mean())
+                else:
+                    cov_y = stats.y_moments.covariance().to(PCA_DTYPE)
+                    stats.y_moments = None  # free the float64 Gram before the eigendecomposition's workspace
+                    feature_space = feature_space_from_covariance(cov_y)
+                    del cov_y
+        with timer.phase("scoring"):
+            scores = channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, stats.x_sq,
+                                    stats.z_sq, feature_space)
+            del feature_space
+            return ChannelChoice(lowest_channels(scores, count, self.protect_lowest))
+
+
+class RefitChannels:
+    """Channels chosen by the down_proj output error left after the least-squares refit."""
+
+    def __init__(self, damping: float):
+        self.damping = damping
+
+    def statistics(self, n_in: int, n_channels: int, n_out: int, n_tokens: int, device) -> ChannelStatistics:
+        stats = _zero_stats(n_in, n_channels, device)
+        stats.z_moments = MomentAccumulator(n_channels, device)
+        return stats
+
+    def choose(self, mlp, stats: ChannelStatistics, count: int, timer) -> ChannelChoice:
+        with timer.phase("scoring"):
+            z_stats = (stats.z_moments.covariance(), stats.z_moments.mean())
+            stats.z_moments = None
+            pruned = prune_columns_by_refit_error(mlp.down_proj.weight, z_stats[0], count, self.damping)
+        return ChannelChoice(pruned, z_stats)
+
+
+def _zero_stats(n_in: int, n_channels: int, device) -> ChannelStatistics:
+    return ChannelStatistics(torch.zeros(n_in, dtype=torch.float64, device=device),
+                             torch.zeros(n_channels, dtype=torch.float64, device=device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Recovery
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DownProjInput:
+    """What a down_proj recovery gets: the kept columns of the dense weight and the dense bias."""
+
+    w_kept: torch.Tensor  # (C, |K|), at least float32
+    b_old: torch.Tensor | None  # float64
+    module_bias: torch.Tensor | None  # the dense bias in compute dtype, as the forward uses it
+    compute_dtype: torch.dtype
+    report: LayerReport
+
+
+class DownProjFit:
+    """Per-layer down_proj recovery (this base class: plain removal).
+
+    The FFN sweep over the kept channels calls `observe` per batch with the pruned intermediate z, the
+    pruned output x (None when `forward_weights` is None: the weights exist only after the sweep, so
+    the sweep keeps z instead of x), the dense output y and the target t (None: y). Then `finish`
+    settles `w` and `b` (and may turn the kept batches into outputs, in place), and `output` turns
+    each kept batch into the sub-layer's final output.
+    """
+
+    def __init__(self, inp: DownProjInput):
+        self.inp = inp
+        self.w, self.b = inp.w_kept, inp.b_old
+
+    @property
+    def forward_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        return self.w.to(self.inp.compute_dtype), self.inp.module_bias
+
+    def observe(self, z: torch.Tensor, x: torch.Tensor | None, y: torch.Tensor, t: torch.Tensor | None) -> None:
+        pass
+
+    def finish(self, kept: list[torch.Tensor]) -> None:
+        pass
+
+    def output(self, kept: torch.Tensor) -> torch.Tensor:
+        return kept.float()
+
+
+class _AffineDownProj(DownProjFit):
+    def __init__(self, inp: DownProjInput):
+        super().__init__(inp)
+        self.sums = RegressionSums(inp.w_kept.shape[0], inp.w_kept.device)
+
+    def observe(self, z, x, y, t) -> None:
+        self.sums.add(x, y)
+
+    def finish(self, kept: list[torch.Tensor]) -> None:
+        fit = self.sums.fit()
+        self.w, self.b = apply_fit(self.w, self.b, fit)
+        self.inp.report.down_proj_fit = fit.summary()
+        self.scale, self.shift = fit.scale.float(), fit.shift.float()
+
+    def output(self, kept: torch.Tensor) -> torch.Tensor:
+        return kept.float() * self.scale + self.shift
+
+
+class _LeastSquaresDownProj(DownProjFit):
+    """Accumulates C_KK and C_tK over the sweep (keeping z), solves, then computes the outputs."""
+
+    def __init__(self, inp: DownProjInput, damping: float):
+        super().__init__(inp)
+        self.damping = damping
+        self.moments = CrossMoments(inp.w_kept.shape[1], inp.w_kept.shape[0], inp.w_kept.device)
+
+    @property
+    def forward_weights(self):
+        return None  # the weights exist only after the sweep
+
+    def observe(self, z, x, y, t) -> None:
+        self.moments.add(z, y if t is None else t)
+
+    def finish(self, kept: list[torch.Tensor]) -> None:
+        fit = refit_to_target(self.moments, self.w, self.b, self.damping)
+        self.moments = None
+        _take_fit(self, fit)
+        w_c, b_c = self.w.to(self.inp.compute_dtype), self.b.to(self.inp.compute_dtype)
+        for i, z in enumerate(kept):  # z -> output in place: never both lists whole
+            kept[i] = F.linear(z, w_c, b_c)
+
+
+class _PrefitDownProj(DownProjFit):
+    """Least squares straight from the covariance the channel selector gathered (no second Gram)."""
+
+    def __init__(self, inp: DownProjInput, fit: LeastSquaresFit):
+        super().__init__(inp)
+        _take_fit(self, fit)
+
+    @property
+    def forward_weights(self):
+        return self.w.to(self.inp.compute_dtype), self.b.to(self.inp.compute_dtype)
+
+
+def _take_fit(target: DownProjFit, fit: LeastSquaresFit) -> None:
+    target.w, target.b = fit.weight.to(target.w.dtype), fit.bias
+    target.inp.report.down_proj_fit = fit.summary()
+
+
+class NoRecovery:
+    """Plain removal: kept weights unchanged, no bias added."""
+
+    adds_bias = False
+    dense_target = False
+
+    def o_proj(self, p: HeadProblem, keep_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        return None
+
+    def down_proj(self, inp: DownProjInput, **_) -> DownProjFit:
+        return DownProjFit(inp)
+
+
+class AffineRecovery(NoRecovery):
+    """METHOD.md section 4: per output dim y_c = a_c x_c + b_c (the paper's)."""
+
+    adds_bias = True
+
+    def o_proj(self, p: HeadProblem, keep_units: torch.Tensor):
+        fit = _attention_affine_fit(p, keep_units.to(p.w_o.device))
+        p.report.o_proj_fit = fit.summary()
+        cols = p.kept_columns(keep_units)
+        return apply_fit(p.w_o[:, cols], p.b_o, fit)
+
+    def down_proj(self, inp: DownProjInput, **_) -> DownProjFit:
+        return _AffineDownProj(inp)
+
+
+class LeastSquaresRecovery(NoRecovery):
+    """least_squares.py: every kept weight refitted, to the sub-layer's dense output or the dense model's."""
+
+    adds_bias = True
+
+    def __init__(self, damping: float, dense_target: bool):
+        self.damping, self.dense_target = damping, dense_target
+
+    def o_proj(self, p: HeadProblem, keep_units: torch.Tensor):
+        mask = p.kept_columns(keep_units)
+        if p.cross is not None:
+            fit = refit_to_target(p.cross, p.w_o[:, mask], p.b_o, self.damping, kept=mask)
+            p.cross = None
+        else:
+            fit = refit_from_input_moments(p.cov_a, p.mean_a, mask, p.w_o, p.b_o, self.damping)
+        p.report.o_proj_fit = fit.summary()
+        return fit.weight.to(p.w_o.dtype), fit.bias
+
+    def down_proj(self, inp: DownProjInput, *, z_stats=None, kept=None, w_full=None) -> DownProjFit:
+        if z_stats is not None and not self.dense_target:
+            w = w_full()
+            mask = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)
+            mask[kept.to(w.device)] = True
+            return _PrefitDownProj(inp, refit_from_input_moments(*z_stats, mask, w, inp.b_old, self.damping))
+        return _LeastSquaresDownProj(inp, self.damping)
+
+
+def _attention_affine_fit(p: HeadProblem, keep: torch.Tensor) -> RegressionFit:
+    """o_proj regression in closed form: x = pruned output, y = dense output, both linear in A."""
+    stats, units = p.unit_stats, p.units
+    kept_dims = torch.repeat_interleave(torch.repeat_interleave(keep, units.heads_per_unit), p.head_dim)
+    s_units = keep.to(torch.float64)
+    cov_xy = stats.r @ s_units
+    var_x = torch.einsum("cuv,u,v->c", stats.M, s_units, s_units)
+    mean_x = _matvec64(p.w_o, p.mean_a * kept_dims)  # pruned heads contribute 0: no column copy of W_o
+    mean_y = _matvec64(p.w_o, p.mean_a)
+    if p.b_o is not None:
+        mean_x, mean_y = mean_x + p.b_o, mean_y + p.b_o
+    return fit_from_moments(mean_x, mean_y, var_x, cov_xy, stats.var_y)
+
+
+def _matvec64(w: torch.Tensor, v: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """w @ v in float64, `chunk` rows of w at a time (no whole float64 copy of w)."""
+    return torch.cat([w[i:i + chunk].double() @ v.double() for i in range(0, w.shape[0], chunk)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Assembly
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodParts:
+    heads: SlimLLMHeads | RefitHeads
+    channels: SlimLLMChannels | RefitChannels
+    recovery: NoRecovery
+
+    @classmethod
+    def from_switches(cls, s: MethodSwitches) -> MethodParts:
+        if s.selection == "refit":
+            heads, channels = RefitHeads(s.damping), RefitChannels(s.damping)
+        else:
+            heads, channels = SlimLLMHeads(s.greedy), SlimLLMChannels(s.feature_space, s.protect_lowest)
+        if not s.regression:
+            recovery = NoRecovery()
+        elif s.recovery == "lstsq":
+            recovery = LeastSquaresRecovery(s.damping, s.dense_target)
+        else:
+            recovery = AffineRecovery()
+        return cls(heads, channels, recovery)
