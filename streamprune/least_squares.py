@@ -76,8 +76,11 @@ class CrossMoments:
             self.t_shift = t.mean(0)
         t = t - self.t_shift
         self.t_sum += t.sum(0, dtype=torch.float64)
-        self.t_sq += t.double().square().sum()
-        self.cross += (x - self.x.shift).T @ t
+        self.t_sq += torch.linalg.vector_norm(t, dtype=torch.float64).square()
+        xs = x - self.x.shift
+        for start in range(0, t.shape[1], self.x.GRAM_BLOCK):  # column blocks bound the float64 temporaries
+            cols = slice(start, start + self.x.GRAM_BLOCK)
+            self.cross[:, cols] += xs.T @ t[:, cols]
 
     @property
     def count(self) -> int:
@@ -86,24 +89,31 @@ class CrossMoments:
     def mean_t(self) -> torch.Tensor:
         return self.t_sum / self.count + self.t_shift.double()
 
-    def cov_xt(self) -> torch.Tensor:
+    def cov_xt(self, inplace: bool = False) -> torch.Tensor:
         mx, mt = self.x.sum / self.count, self.t_sum / self.count
-        return torch.addr(self.cross, mx, mt, beta=1.0 / self.count, alpha=-1.0)
+        if not inplace:
+            return torch.addr(self.cross, mx, mt, beta=1.0 / self.count, alpha=-1.0)
+        cov, self.cross = self.cross, None
+        return cov.mul_(1.0 / self.count).addr_(mx, mt, alpha=-1.0)
 
     def total_var_t(self) -> float:
         mt = self.t_sum / self.count
         return float(self.t_sq / self.count - mt @ mt)
 
 
-def _damped_cholesky(cov_kk: torch.Tensor, damping: float) -> torch.Tensor:
+def _damp_in_place(cov_kk: torch.Tensor, damping: float) -> float:
+    """cov_kk += lambda I with lambda = damping * mean(diag); returns lambda."""
     lam = damping * float(cov_kk.diagonal().mean().clamp(min=1e-30))
-    a = cov_kk.clone()
-    a.diagonal().add_(lam)
-    factor, info = torch.linalg.cholesky_ex(a)
-    if int(info) != 0:  # only for damping 0 with a singular Gram: add a tiny jitter and retry
-        a.diagonal().add_(1e-10 * float(cov_kk.diagonal().mean()) + 1e-30)
-        factor = torch.linalg.cholesky(a)
-    return factor, lam
+    cov_kk.diagonal().add_(lam)
+    return lam
+
+
+def _cholesky(a: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Lower Cholesky factor of the damped (positive definite) matrix; `inplace` overwrites `a`
+    (LAPACK factors in place), which saves a |K| x |K| float64 matrix at the memory peak."""
+    if inplace:
+        return torch.linalg.cholesky(a, out=a)
+    return torch.linalg.cholesky(a)
 
 
 def refit_to_target(moments: CrossMoments, w_kept: torch.Tensor, b: torch.Tensor | None,
@@ -112,23 +122,33 @@ def refit_to_target(moments: CrossMoments, w_kept: torch.Tensor, b: torch.Tensor
 
     `w_kept` is the dense projection restricted to the kept input columns (out x |K|), `b` its bias.
     `kept` (a bool mask over the accumulated x channels) selects K when the moments cover more inputs
-    than are kept; by default every accumulated channel is kept.
+    than are kept; by default every accumulated channel is kept. The moments are consumed: their
+    matrices become the covariances and the damped system in place, so the solve holds at most two
+    |K| x |K| and two |K| x out float64 matrices.
     """
-    cov_kk, cov_kt, mean_k = moments.x.covariance(), moments.cov_xt(), moments.x.mean()
+    mean_k, mean_t, var_t = moments.x.mean(), moments.mean_t(), moments.total_var_t()
+    cov_kk, cov_kt = moments.x.covariance(inplace=True), moments.cov_xt(inplace=True)
     if kept is not None:
         idx = kept.nonzero().flatten()
         cov_kk, cov_kt, mean_k = cov_kk[idx[:, None], idx], cov_kt[idx], mean_k[idx]
-    mean_t = moments.mean_t()
-    w_k = w_kept.double()
-    factor, lam = _damped_cholesky(cov_kk, damping)
-    rhs = cov_kt + lam * w_k.T  # (|K|, out)
-    weight = torch.cholesky_solve(rhs, factor).T
-    bias = mean_t - weight @ mean_k
+    w_k = w_kept  # float32 or wider; products below go through float64 a block of rows at a time
     b_old = torch.zeros_like(mean_t) if b is None else b.double()
-    var_t = moments.total_var_t()
-    before = _mse(var_t, cov_kk, cov_kt, w_k, mean_t - w_k @ mean_k - b_old)
-    after = _mse(var_t, cov_kk, cov_kt, weight, torch.zeros_like(mean_t))
-    return LeastSquaresFit(weight, bias, damping, before, after)
+    before = _mse(var_t, cov_kk, cov_kt, w_k, mean_t - w_k.double() @ mean_k - b_old)
+    lam = _damp_in_place(cov_kk, damping)
+    factor = _cholesky(cov_kk, inplace=True)
+    del cov_kk
+    rhs = cov_kt
+    for start in range(0, rhs.shape[0], _ROWS):  # (|K|, out): C_Kt + lambda W_K^T, in place
+        rhs[start:start + _ROWS] += lam * w_k.T[start:start + _ROWS].double()
+    weight_t = torch.cholesky_solve(rhs, factor)
+    del factor
+    # E||t - W'x - b'||^2 with W' A = rhs^T (A = C_KK + lambda I): var_t - tr(W' rhs) + 2 lambda tr(W' W_K^T)
+    # - lambda ||W'||^2, so neither C_KK nor C_Kt is needed again.
+    after = var_t - _dot(weight_t, rhs) + lam * (2 * _dot(weight_t, w_k.T) - _dot(weight_t, weight_t))
+    del rhs
+    weight = weight_t.T
+    bias = mean_t - weight @ mean_k
+    return LeastSquaresFit(weight, bias, damping, before, max(after, 0.0) / weight.shape[0])
 
 
 def refit_from_input_moments(cov: torch.Tensor, mean: torch.Tensor, kept: torch.Tensor, w: torch.Tensor,
@@ -140,29 +160,43 @@ def refit_from_input_moments(cov: torch.Tensor, mean: torch.Tensor, kept: torch.
     sides instead of `out`.
     """
     k_idx, p_idx = kept.nonzero().flatten(), (~kept).nonzero().flatten()
-    cov_kk = cov[k_idx[:, None], k_idx]  # advanced indexing on both axes: no |K| x n intermediate
+    a = cov[k_idx[:, None], k_idx]  # advanced indexing on both axes: no |K| x n intermediate
     cov_kp = cov[k_idx[:, None], p_idx]
+    cov_pp = cov[p_idx[:, None], p_idx]
     w_k, w_p = w[:, k_idx].double(), w[:, p_idx].double()
-    factor, lam = _damped_cholesky(cov_kk, damping)
-    g = torch.cholesky_solve(cov_kp, factor)  # (C_KK + lambda I)^-1 C_KP, |K| x |P|
+    lam = _damp_in_place(a, damping)
+    factor = _cholesky(a)
+    g = torch.cholesky_solve(cov_kp, factor)  # A^-1 C_KP, |K| x |P|
     weight = w_k + w_p @ g.T
     b_old = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if b is None else b.double()
     bias = b_old + w_p @ (mean[p_idx] - g.T @ mean[k_idx])
     # Errors of the pruned contribution e = W_P x_P (- its correction): E||e - mean e||^2 + ||mean e||^2.
-    cov_pp = cov[p_idx[:, None], p_idx]
     removed = _quad(w_p, cov_pp) + float((w_p @ mean[p_idx]).square().sum())
-    resid = cov_pp - 2 * cov_kp.T @ g + g.T @ cov_kk @ g  # cov of x_P - G^T x_K
+    # cov of x_P - G^T x_K, with C_KK = A - lambda I
+    resid = cov_pp - 2 * cov_kp.T @ g + g.T @ (a @ g) - lam * g.T @ g
     recovered = _quad(w_p, resid)
     out = w.shape[0]
     return LeastSquaresFit(weight, bias, damping, removed / out, max(recovered, 0.0) / out)
 
 
+_ROWS = 512  # rows per block in the float64 reductions below: temporaries of 512 x n, not out x n
+
+
 def _quad(w: torch.Tensor, cov: torch.Tensor) -> float:
-    """trace(W cov W^T)."""
-    return float(((w @ cov) * w).sum())
+    """trace(W cov W^T), float64, a block of rows of W at a time."""
+    total = 0.0
+    for start in range(0, w.shape[0], _ROWS):
+        rows = w[start:start + _ROWS].double()
+        total += float(((rows @ cov) * rows).sum())
+    return total
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """sum(a * b) over all elements, float64, a block of rows at a time."""
+    return sum(float((a[i:i + _ROWS].double() * b[i:i + _ROWS].double()).sum()) for i in range(0, a.shape[0], _ROWS))
 
 
 def _mse(var_t: float, cov_kk: torch.Tensor, cov_kt: torch.Tensor, w: torch.Tensor, mean_err: torch.Tensor) -> float:
     """Mean over tokens and dims of (t - W x_K - c)^2 with mean error `mean_err` (population moments)."""
-    total = var_t - 2 * float((w * cov_kt.T).sum()) + _quad(w, cov_kk) + float(mean_err.square().sum())
+    total = var_t - 2 * _dot(w, cov_kt.T) + _quad(w, cov_kk) + float(mean_err.square().sum())
     return max(total, 0.0) / w.shape[0]

@@ -53,10 +53,16 @@ class MomentAccumulator:
     def mean(self) -> torch.Tensor:
         return self.sum / self.count + self.shift.double()
 
-    def covariance(self) -> torch.Tensor:
-        """gram / n - mu mu^T, built in one C x C allocation (no separate outer-product temporary)."""
+    def covariance(self, inplace: bool = False) -> torch.Tensor:
+        """gram / n - mu mu^T, built in one C x C allocation (no separate outer-product temporary).
+
+        `inplace` turns the accumulator's own Gram into the covariance (no second C x C matrix; the
+        accumulator cannot take more rows afterwards)."""
         mu = self.sum / self.count
-        return torch.addr(self.gram, mu, mu, beta=1.0 / self.count, alpha=-1.0)
+        if not inplace:
+            return torch.addr(self.gram, mu, mu, beta=1.0 / self.count, alpha=-1.0)
+        cov, self.gram = self.gram, None
+        return cov.mul_(1.0 / self.count).addr_(mu, mu, alpha=-1.0)
 
 
 # ----------------------------------------------------------------------------------------------

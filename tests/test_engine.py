@@ -190,3 +190,24 @@ def test_fp16_compute_matches_fp32_compute(models, calib_file, tmp_path):
         tmp_path / "float16", windows, reference_dir=tmp_path / "float32", dtype="float32"
     ).kl_from_reference
     assert fp16_error < 1e-3 * pruning_error
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"paper": None}, {"selection": "refit"}, {"target": "dense"}, {"protect_lowest": 0.1},
+     {"selection": "refit", "gqa_mode": "groups"}],
+    ids=["paper", "refit-selection", "dense-target", "protect-lowest", "refit-groups"],
+)
+def test_every_method_option_hits_the_target_and_lowers_the_removal_error(models, calib_file, tmp_path, options):
+    if "paper" in options:
+        options = dict(streamprune.engine.PAPER_METHOD)
+    src, out = models("qwen2-gqa"), tmp_path / "out"
+    report = streamprune.prune(src, out, 0.3, calib=str(calib_file), **{**CALIB, **options}).report
+    assert abs(report["achieved_ratio"] - 0.3) <= 0.005
+    assert all(report["options"][k] == v for k, v in options.items())
+    pruned = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert _param_count(pruned) == report["params_after"] and torch.isfinite(pruned(IDS).logits).all()
+    fits = [layer[k] for layer in report["layers"] for k in ("o_proj_fit", "down_proj_fit") if k in layer]
+    assert fits
+    if options.get("target") != "dense":  # a dense-model target is not the sub-layer's own output
+        assert all(fit["mse_recovered"] <= fit["mse_removed"] * (1 + 1e-6) for fit in fits)
