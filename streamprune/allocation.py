@@ -127,14 +127,15 @@ def layer_multipliers(scores: list[float] | None, num_layers: int, alpha: float,
 class _Counter:
     """Parameters removed by a layer at ratio r, after rounding and caps (monotone in r)."""
 
-    def __init__(self, shape: ModelShape, units: HeadUnits, regression: bool):
+    def __init__(self, shape: ModelShape, units: HeadUnits, regression: bool, attention_scale: float = 1.0):
         self.shape, self.units = shape, units
         self.per_channel = channel_params(shape)
         self.regression = regression
+        self.attention_scale = attention_scale
 
     def counts(self, r: float) -> tuple[int, int]:
         per_bucket = self.units.units_per_bucket
-        prune_units = min(round(r * per_bucket), per_bucket - 1)
+        prune_units = min(round(min(self.attention_scale * r, 1.0) * per_bucket), per_bucket - 1)
         prune_channels = min(round(r * self.shape.intermediate_size), self.shape.intermediate_size - 1)
         return max(prune_units, 0), max(prune_channels, 0)
 
@@ -157,15 +158,18 @@ def solve_allocation(
     num_pruned_layers: int | None = None,
     gqa_mode: str = "heads",
     regression: bool = True,
+    attention_scale: float = 1.0,
 ) -> Allocation:
     """Per-layer plans whose total removal is as close as rounding allows to target_ratio * params_before.
 
     `scores` are the per-layer cosine similarities from the dense pass, or None for uniform ratios.
+    A layer at ratio r loses a share min(attention_scale * r, 1) of its attention units (at least one
+    kept per bucket) and a share r of its FFN channels.
     """
     if not 0 <= target_ratio < 1:
         raise StreamPruneError(f"--ratio must be in [0, 1), got {target_ratio}")
     units = head_units(shape, gqa_mode)
-    counter = _Counter(shape, units, regression)
+    counter = _Counter(shape, units, regression, attention_scale)
     L = shape.num_layers
     if scores is None:
         alpha_used, k = None, L

@@ -58,20 +58,19 @@ import subprocess
 import sys
 import threading
 import time
-import types
-import typing
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .engine import REPORT_NAME, PruneOptions
+from .calibration import FILE_SUFFIXES as CALIB_FILE_SUFFIXES
+from .engine import REPORT_NAME
 from .errors import StreamPruneError
+from .options import PruneOptions, cli_flag, plain_type
+from .options import fields as option_fields
 
 CACHE_NAME = ".streamprune-cache"
 EXIT_INTERRUPTED = 130
 OK, FAILED, SKIPPED, INTERRUPTED, NOT_RUN = "ok", "failed", "skipped", "interrupted", "not_run"
-_SPEED_ONLY = ("batch_size", "prefetch")  # the engine ignores these when deciding whether a result is the same
-_CALIB_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 _TRUE, _FALSE = {"true", "yes", "1"}, {"false", "no", "0"}
 _REQUIRED = ("model_dir", "out_dir", "ratio")
 MAX_ERRORS = 5  # bad rows named in the one-line validation error
@@ -115,33 +114,26 @@ class BatchSettings:
 # ----------------------------------------------------------------------------------------------
 
 
-def _option_types() -> dict[str, type]:
-    """PruneOptions field -> the plain type its values convert to (`float | None` -> float)."""
-    out = {}
-    for name, hint in typing.get_type_hints(PruneOptions).items():
-        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-            hint = next(a for a in typing.get_args(hint) if a is not type(None))
-        out[name] = hint
-    return out
-
-
-OPTION_TYPES = _option_types()
+OPTION_TYPES = {f.name: plain_type(f) for f in option_fields()}
 
 
 def _aliases() -> dict[str, tuple[str, bool]]:
-    """Manifest key -> (field, negated): field names, CLI spellings, and the CLI's `no-` flags."""
+    """Manifest key -> (field, negated): field names, dashed names and the CLI's own flags (layers, no-greedy)."""
     aliases = {"model_dir": ("model_dir", False), "model-dir": ("model_dir", False),
-               "out_dir": ("out_dir", False), "out-dir": ("out_dir", False), "layers": ("num_pruned_layers", False)}
-    for f in dataclasses.fields(PruneOptions):
+               "out_dir": ("out_dir", False), "out-dir": ("out_dir", False)}
+    for f in option_fields():
         for name in (f.name, f.name.replace("_", "-")):
             aliases[name] = (f.name, False)
-            if f.default is True:  # the CLI spells these as --no-greedy, --no-prefetch, ...
-                aliases[f"no-{name}"] = aliases[f"no_{name}"] = (f.name, True)
+        flag = cli_flag(f).lstrip("-")
+        negated = f.default is True  # spelled --no-greedy, --no-prefetch, ...
+        aliases[flag] = aliases[flag.replace("-", "_")] = (f.name, negated)
+        if negated:
+            aliases[f"no-{f.name.replace('_', '-')}"] = aliases[f"no_{f.name}"] = (f.name, True)
     return aliases
 
 
 ALIASES = _aliases()
-VALID_KEYS = ", ".join(["model_dir", "out_dir"] + [f.name for f in dataclasses.fields(PruneOptions)])
+VALID_KEYS = ", ".join(["model_dir", "out_dir"] + [f.name for f in option_fields()])
 
 
 class _RowError(ValueError):
@@ -198,7 +190,7 @@ def _resolve(base: Path, value: str) -> str:
 
 def _calib_path(base: Path, calib: str) -> str:
     """Calibration files are relative to the manifest; dataset specs and 'self' are left alone."""
-    looks_like_file = Path(calib).suffix.lower() in _CALIB_SUFFIXES or (base / calib).exists()
+    looks_like_file = Path(calib).suffix.lower() in CALIB_FILE_SUFFIXES or (base / calib).exists()
     return _resolve(base, calib) if calib != "self" and looks_like_file else calib
 
 
@@ -224,8 +216,6 @@ def _parse_row(row: dict, keys: dict[str, tuple[str, bool]], number: int, base: 
 
 
 def _check_options(values: dict) -> None:
-    if not 0 < float(values["ratio"]) < 1:  # as `run`: 0 would be a (pointless) copy of the model
-        raise _RowError(f"ratio must be above 0 and below 1, got {values['ratio']}")
     try:
         PruneOptions(**values).validate()
     except StreamPruneError as exc:
@@ -343,8 +333,7 @@ def prepare_jobs(jobs: list[Job], manifest: str | Path, settings: BatchSettings)
 
 
 def _comparable(options: dict) -> dict:
-    full = asdict(PruneOptions(**{k: v for k, v in options.items() if k in OPTION_TYPES}))
-    return {k: v for k, v in full.items() if k not in _SPEED_ONLY}
+    return PruneOptions(**{k: v for k, v in options.items() if k in OPTION_TYPES}).result_options()
 
 
 def _differences(report: dict, job: Job) -> list[str]:

@@ -6,6 +6,7 @@ message on stderr and a non-zero exit; `--debug` shows the traceback instead.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import traceback
@@ -49,62 +50,31 @@ def main() -> None:
     """Layer-streaming SlimLLM structured pruning for LLaMA, Mistral and Qwen2 checkpoints."""
 
 
+def _schema_option(f) -> Callable:
+    """One click option for one PruneOptions field, from the schema in options.py (the only place defaults,
+    choices and help live; ranges are checked by PruneOptions.validate so the API and manifests agree)."""
+    from .options import cli_flag, info, plain_type
+
+    meta, flag = info(f), cli_flag(f)
+    if plain_type(f) is bool:
+        if f.default is True:  # spelled --no-x: the flag turns the option off
+            return click.option(flag, f.name, is_flag=True, flag_value=False, default=True, help=meta.help)
+        return click.option(flag, f.name, is_flag=True, default=False, help=meta.help)
+    kind = click.Choice(list(meta.choices)) if meta.choices else plain_type(f)
+    if f.default is dataclasses.MISSING:
+        return click.option(flag, f.name, type=kind, required=True, help=meta.help)
+    return click.option(flag, f.name, type=kind, default=f.default, show_default=f.default is not None,
+                        help=meta.help)
+
+
 def run_options(func: Callable) -> Callable:
-    """The pruning options shared by `run` (and by batch manifests, which use the same names)."""
-    options = [
-        click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), required=True,
-                     help="Fraction of the model's TOTAL parameters to remove, above 0 and below 1 (0.2 = 20 %)."),
-        click.option("--calib", default="wikitext:wikitext-2-raw-v1:train", show_default=True,
-                     help="Calibration text: a .txt/.jsonl/.json/.parquet file, a datasets spec "
-                          "'name[:config][:split]' (needs the Hub), or 'self' to sample text from the model "
-                          "itself (loads the whole model; for models that fit in memory)."),
-        click.option("--nsamples", type=int, default=128, show_default=True,
-                     help="Calibration sequences (the least-squares refit needs more tokens than channels)."),
-        click.option("--seqlen", type=int, default=128, show_default=True, help="Tokens per calibration sequence."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling."),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
-        click.option("--dtype", default="auto", show_default=True,
-                     help="Compute dtype: auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16. "
-                          "Statistics are always accumulated in float64."),
-        click.option("--alpha", type=float, default=None,
-                     help="Softmax temperature of the layer ratios [default: 10 below 35 %, else 7]."),
-        click.option("--layers", "num_pruned_layers", type=int, default=None,
-                     help="Number of layers to prune (most redundant first) [default: 26/32 of the layers at "
-                          "20 %, 30/32 at 50 %, interpolated]."),
-        click.option("--gqa-mode", type=click.Choice(["heads", "groups"]), default="heads", show_default=True,
-                     help="Grouped-query attention: prune the same number of query heads in every KV group "
-                          "(heads) or whole KV groups with their k/v heads (groups)."),
-        click.option("--batch-size", type=int, default=8, show_default=True,
-                     help="Calibration sequences per forward (memory vs speed; results differ only by rounding)."),
-        click.option("--no-prefetch", "prefetch", is_flag=True, flag_value=False, default=True,
-                     help="Read each layer only when needed instead of overlapping the read with compute."),
-        click.option("--no-greedy", "greedy", is_flag=True, flag_value=False, default=True,
-                     help="Ablation: skip the greedy head-swap search."),
-        click.option("--no-feature-space", "feature_space", is_flag=True, flag_value=False, default=True,
-                     help="Ablation: score FFN channels by plain down-vector norms instead of the PCA basis."),
-        click.option("--uniform", is_flag=True, help="Ablation: same ratio in every layer (skips the dense pass)."),
-        click.option("--no-regression", "regression", is_flag=True, flag_value=False, default=True,
-                     help="Ablation: no linear-regression recovery of o_proj / down_proj."),
-        click.option("--recovery", type=click.Choice(["lstsq", "affine"]), default="lstsq", show_default=True,
-                     help="Recovery of o_proj / down_proj: a least-squares refit of every kept weight (lstsq) or "
-                          "the paper's per-row a*y+b (affine)."),
-        click.option("--target", type=click.Choice(["pruned", "dense"]), default="pruned", show_default=True,
-                     help="What the least-squares recovery fits: each sub-layer's dense output on the pruned "
-                          "model's own hidden states (pruned), or the dense model's hidden states (dense: also "
-                          "corrects error carried in from earlier layers; one more dense forward per layer)."),
-        click.option("--selection", type=click.Choice(["slimllm", "refit"]), default="slimllm", show_default=True,
-                     help="How heads and FFN channels are chosen: SlimLLM's scores (Pearson similarity for heads, "
-                          "PCA feature space for channels) or by the error left after the least-squares refit "
-                          "(refit, optimal-brain-surgeon style)."),
-        click.option("--protect-lowest", type=float, default=0.0, show_default=True,
-                     help="Never prune this fraction of the lowest-scored FFN channels (the official SlimLLM "
-                          "code uses 0.01)."),
-        click.option("--damping", type=float, default=1e-2, show_default=True,
-                     help="Ridge of the least-squares recovery, relative to the mean diagonal of the Gram."),
-        click.option("--paper", is_flag=True,
-                     help="SlimLLM exactly as published: --recovery affine --selection slimllm --nsamples 32 "
-                          "(options given explicitly still win)."),
-    ]
+    """`run`'s pruning options, generated from the PruneOptions schema (batch manifests use the same names)."""
+    from .options import PAPER_METHOD, fields
+
+    paper = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in PAPER_METHOD.items())
+    options = [_schema_option(f) for f in fields()]
+    options.append(click.option("--paper", is_flag=True,
+                                help=f"SlimLLM exactly as published: {paper} (options given explicitly still win)."))
     for option in reversed(options):
         func = option(func)
     return func
@@ -112,7 +82,7 @@ def run_options(func: Callable) -> Callable:
 
 def apply_paper_preset(options: dict) -> dict:
     """Replace the method defaults by the paper's when --paper was given, keeping explicit options."""
-    from .engine import PAPER_METHOD
+    from .options import PAPER_METHOD
 
     if not options.pop("paper", False):
         return options
@@ -144,7 +114,8 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cac
     """
     import json
 
-    from .engine import PruneOptions, StreamingPruner
+    from .engine import StreamingPruner
+    from .options import PruneOptions
 
     options = apply_paper_preset(options)
     result = StreamingPruner(model_dir, out_dir, PruneOptions(**options), overwrite=overwrite, restart=restart,

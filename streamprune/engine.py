@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from .allocation import GQA_MODES, Allocation, head_units, solve_allocation
+from .allocation import Allocation, head_units, solve_allocation
 from .architecture import (
     LAYER_PREFIX,
     ModelShape,
@@ -51,7 +51,6 @@ from .faults import fault_point
 from .layer_pruning import (
     DenseTargets,
     LayerRuntime,
-    MethodSwitches,
     Timer,
     build_layer,
     dense_forward,
@@ -60,69 +59,11 @@ from .layer_pruning import (
 )
 from .memory import peak_rss_mb, return_freed_memory_promptly
 from .modeling import AUTO_MAP, REMOTE_CODE_FILES
+from .options import PAPER_METHOD, PruneOptions
 
 REPORT_NAME = "streamprune_report.json"
 STATE_NAME = "state.json"
 FORMAT_VERSION = 1
-
-
-CHOICES = {"recovery": ("lstsq", "affine"), "selection": ("slimllm", "refit"), "target": ("pruned", "dense")}
-# SlimLLM as published (METHOD.md): its calibration size, its per-row a*y+b recovery, its scores.
-# `streamprune run --paper` and `prune(..., **PAPER_METHOD)` select it.
-PAPER_METHOD = {"nsamples": 32, "recovery": "affine", "selection": "slimllm", "target": "pruned",
-                "protect_lowest": 0.0}
-
-
-@dataclass
-class PruneOptions:
-    """Everything that decides the output. Mirrors `streamprune run`'s options one to one."""
-
-    ratio: float
-    calib: str = "wikitext:wikitext-2-raw-v1:train"
-    nsamples: int = 128
-    seqlen: int = 128
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "auto"
-    alpha: float | None = None
-    num_pruned_layers: int | None = None
-    gqa_mode: str = "heads"
-    greedy: bool = True
-    feature_space: bool = True
-    uniform: bool = False
-    regression: bool = True
-    recovery: str = "lstsq"
-    damping: float = 1e-2
-    target: str = "pruned"
-    protect_lowest: float = 0.0
-    selection: str = "slimllm"
-    batch_size: int = 8
-    prefetch: bool = True
-
-    def switches(self) -> MethodSwitches:
-        return MethodSwitches(greedy=self.greedy, feature_space=self.feature_space, regression=self.regression,
-                              recovery=self.recovery, damping=self.damping, target=self.target,
-                              protect_lowest=self.protect_lowest, selection=self.selection)
-
-    def validate(self) -> None:
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise StreamPruneError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                       f"got {getattr(self, name)!r}")
-        if not self.damping > 0:
-            raise StreamPruneError(f"--damping must be above 0, got {self.damping}")
-        if not 0 <= self.protect_lowest < 1:
-            raise StreamPruneError(f"--protect-lowest must be at least 0 and below 1, got {self.protect_lowest}")
-        if not 0 <= self.ratio < 1:
-            raise StreamPruneError(f"--ratio must be at least 0 and below 1, got {self.ratio}")
-        if self.nsamples < 1:
-            raise StreamPruneError(f"--nsamples must be at least 1, got {self.nsamples}")
-        if self.seqlen < 2:
-            raise StreamPruneError(f"--seqlen must be at least 2, got {self.seqlen}")
-        if self.batch_size < 1:
-            raise StreamPruneError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.gqa_mode not in GQA_MODES:
-            raise StreamPruneError(f"--gqa-mode must be one of {', '.join(GQA_MODES)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,10 +127,7 @@ def model_fingerprint(reader: CheckpointReader) -> str:
 
 
 def run_fingerprint(reader: CheckpointReader, options: PruneOptions) -> dict:
-    opts = asdict(options)
-    for speed_only in ("batch_size", "prefetch"):  # change speed, not results (beyond float summation order)
-        opts.pop(speed_only)
-    return {"format": FORMAT_VERSION, "model": model_fingerprint(reader), "options": opts}
+    return {"format": FORMAT_VERSION, "model": model_fingerprint(reader), "options": options.result_options()}
 
 
 class RunState:
@@ -651,7 +589,8 @@ class StreamingPruner:
                 scores = None
             if state.data["allocation"] is None:
                 allocation = solve_allocation(self.shape, self.reader.parameter_count(), o.ratio, scores,
-                                              o.alpha, o.num_pruned_layers, o.gqa_mode, o.regression)
+                                              o.alpha, o.num_pruned_layers, o.gqa_mode, o.regression,
+                                              o.attention_scale)
                 state.data["allocation"] = {"summary": allocation.to_dict(),
                                             "plans": [asdict(p) for p in allocation.plans]}
                 state.data["hidden_file"] = None  # pass 2 starts from the embeddings again
@@ -731,9 +670,9 @@ def prune(model_dir: str | Path, out_dir: str | Path, ratio: float, *, overwrite
           **options) -> PruneResult:
     """Python API mirroring `streamprune run`: keyword options are `PruneOptions` fields.
 
-    `ratio` may be 0 here (the model passes through the engine unchanged, a self-check); the CLI
-    refuses 0. `shared_cache` is a folder where runs of the same model and calibration settings share
-    the tokenized calibration set and the dense pass's layer scores (see `streamprune batch`).
+    `ratio` may be 0 (the model passes through the engine unchanged, a self-check). `shared_cache` is a
+    folder where runs of the same model and calibration settings share the tokenized
+    calibration set and the dense pass's layer scores (see `streamprune batch`).
     """
     return StreamingPruner(model_dir, out_dir, PruneOptions(ratio=ratio, **options), overwrite=overwrite,
                            restart=restart, quiet=quiet, shared_cache=shared_cache).run()

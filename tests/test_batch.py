@@ -69,7 +69,7 @@ def test_yaml_manifest_reads_like_csv(tmp_path):
         ("jobs.csv", "model_dir,out_dir,ratio,nsamples\nm,o,0.2,many\n",
          "job 1 (line 2): nsamples must be a whole number, got 'many'"),
         ("jobs.csv", "model_dir,out_dir,ratio\nm,o,1.5\nm,p,abc\n",
-         "job 1 (line 2): ratio must be above 0 and below 1, got 1.5; job 2 (line 3): ratio must be a number"),
+         "job 1 (line 2): ratio must be at least 0 and below 1, got 1.5; job 2 (line 3): ratio must be a number"),
         ("jobs.csv", "model_dir,out_dir,ratio,uniform\nm,o,0.2,maybe\n", "uniform must be true/false"),
         ("jobs.csv", "model_dir,out_dir,ratio,gqa-mode\nm,o,0.2,kv\n", "gqa-mode must be one of heads, groups"),
         ("jobs.csv", "model_dir,out_dir,ratio\nm,o,0.2\nn,o,0.3\n", "jobs 1 and 2 both write"),

@@ -112,8 +112,8 @@ def test_broken_model_folder_fails_cleanly_and_is_untouched(model, calib_file, t
 
 
 BAD_ARGUMENTS = [
-    (["--ratio", "0"], "0<x<1"),
-    (["--ratio", "-0.1"], "0<x<1"),
+    (["--ratio", "1"], "--ratio must be at least 0 and below 1, got 1.0"),
+    (["--ratio", "-0.1"], "--ratio must be at least 0 and below 1, got -0.1"),
     (["--ratio", "0.97"], "--ratio is too large: at most"),
     (["--nsamples", "0"], "--nsamples must be at least 1"),
     (["--device", "tpu"], "unknown device 'tpu'"),

@@ -1,0 +1,175 @@
+"""The pruning options, declared once.
+
+`PruneOptions` is the schema: each field carries its default, its help text, its command-line spelling,
+its allowed values and whether it changes results or only speed. From it come `streamprune run`'s flags
+(`cli.run_options`), the batch manifest's columns, types and checks (`batch.py`), the Python API
+(`streamprune.prune(..., **options)`) and the run fingerprint that decides whether a run can resume.
+Nothing else holds a default or a range for these options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+from .errors import StreamPruneError
+from .method_parts import MethodSwitches
+
+DEFAULT_CALIB = "wikitext:wikitext-2-raw-v1:train"
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """What the schema knows about one option beyond its type and default."""
+
+    help: str
+    flag: str | None = None  # command-line spelling when it is not --field-name (--layers, --no-greedy)
+    choices: tuple[str, ...] | None = None
+    low: float | None = None  # allowed range; `low_open` / `high_open` exclude the bound itself
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    speed_only: bool = False  # changes speed or memory, not the output (beyond float summation order)
+
+
+def _option(default=dataclasses.MISSING, **info) -> typing.Any:
+    return field(default=default, metadata={"info": OptionInfo(**info)})
+
+
+@dataclass
+class PruneOptions:
+    """Everything that decides the output of `streamprune run`."""
+
+    ratio: float = _option(
+        help="Fraction of the model's TOTAL parameters to remove (0.2 = 20 %; 0 passes the model through "
+             "unchanged).", low=0, high=1, high_open=True)
+    calib: str = _option(
+        DEFAULT_CALIB,
+        help="Calibration text: a .txt/.jsonl/.json/.parquet file, a datasets spec 'name[:config][:split]' "
+             "(needs the Hub), or 'self' to sample text from the model itself (loads the whole model; for "
+             "models that fit in memory).")
+    nsamples: int = _option(128, low=1,
+                            help="Calibration sequences (the least-squares refit needs more tokens than channels).")
+    seqlen: int = _option(128, low=2, help="Tokens per calibration sequence.")
+    seed: int = _option(0, help="Seed for calibration sampling.")
+    device: str = _option("cpu", help="cpu, cuda or cuda:N.")
+    dtype: str = _option("auto", help="Compute dtype: auto (float16 on CUDA, float32 on CPU), float32, float16, "
+                                      "bfloat16. Statistics are always accumulated in float64.")
+    alpha: float | None = _option(None, help="Softmax temperature of the layer ratios [default: 10 below 35 %, "
+                                             "else 7].")
+    num_pruned_layers: int | None = _option(
+        None, flag="--layers", low=1,
+        help="Number of layers to prune (most redundant first) [default: 26/32 of the layers at 20 %, 30/32 at "
+             "50 %, interpolated].")
+    gqa_mode: str = _option(
+        "heads", choices=("heads", "groups"),
+        help="Grouped-query attention: prune the same number of query heads in every KV group (heads) or whole "
+             "KV groups with their k/v heads (groups).")
+    greedy: bool = _option(True, flag="--no-greedy", help="Ablation: skip the greedy head-swap search.")
+    feature_space: bool = _option(
+        True, flag="--no-feature-space",
+        help="Ablation: score FFN channels by plain down-vector norms instead of the PCA basis.")
+    uniform: bool = _option(False, help="Ablation: same ratio in every layer (skips the dense pass).")
+    attention_scale: float = _option(
+        1.0, low=0,
+        help="A layer at ratio r prunes a share min(attention_scale * r, 1) of its attention heads and r of its "
+             "FFN channels (0 keeps every head).")
+    regression: bool = _option(True, flag="--no-regression",
+                               help="Ablation: no linear-regression recovery of o_proj / down_proj.")
+    recovery: str = _option(
+        "lstsq", choices=("lstsq", "affine"),
+        help="Recovery of o_proj / down_proj: a least-squares refit of every kept weight (lstsq) or the paper's "
+             "per-row a*y+b (affine).")
+    damping: float = _option(1e-2, low=0, low_open=True,
+                             help="Ridge of the least-squares recovery, relative to the mean diagonal of the Gram.")
+    target: str = _option(
+        "pruned", choices=("pruned", "dense"),
+        help="What the least-squares recovery fits: each sub-layer's dense output on the pruned model's own "
+             "hidden states (pruned), or the dense model's hidden states (dense: also corrects error carried in "
+             "from earlier layers; one more dense forward per layer).")
+    protect_lowest: float = _option(
+        0.0, low=0, high=1, high_open=True,
+        help="Never prune this fraction of the lowest-scored FFN channels (the official SlimLLM code uses 0.01).")
+    selection: str = _option(
+        "slimllm", choices=("slimllm", "refit"),
+        help="How heads and FFN channels are chosen: SlimLLM's scores (Pearson similarity for heads, PCA feature "
+             "space for channels) or by the error left after the least-squares refit (refit, optimal-brain-"
+             "surgeon style).")
+    batch_size: int = _option(8, low=1, speed_only=True,
+                              help="Calibration sequences per forward (memory vs speed; results differ only by "
+                                   "rounding).")
+    prefetch: bool = _option(True, flag="--no-prefetch", speed_only=True,
+                             help="Read each layer only when needed instead of overlapping the read with compute.")
+
+    def switches(self) -> MethodSwitches:
+        return MethodSwitches(greedy=self.greedy, feature_space=self.feature_space, regression=self.regression,
+                              recovery=self.recovery, damping=self.damping, target=self.target,
+                              protect_lowest=self.protect_lowest, selection=self.selection)
+
+    def validate(self) -> None:
+        """Raise a one-line StreamPruneError naming the first option out of its allowed values."""
+        for f in dataclasses.fields(self):
+            problem = check_value(f, getattr(self, f.name))
+            if problem:
+                raise StreamPruneError(f"{cli_flag(f)} {problem}")
+
+    def result_options(self) -> dict:
+        """The options that decide the output (what a finished or resumable run must match)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in SPEED_ONLY}
+
+
+# SlimLLM as published (METHOD.md): its calibration size, its per-row a*y+b recovery, its scores.
+# `streamprune run --paper` and `prune(..., **PAPER_METHOD)` select it.
+PAPER_METHOD = {"nsamples": 32, "recovery": "affine", "selection": "slimllm", "target": "pruned",
+                "protect_lowest": 0.0, "attention_scale": 1.0}
+
+
+def info(f: dataclasses.Field) -> OptionInfo:
+    return f.metadata["info"]
+
+
+def fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(PruneOptions)
+
+
+def cli_flag(f: dataclasses.Field) -> str:
+    """`--layers`, `--no-greedy`, or `--field-name`."""
+    return info(f).flag or "--" + f.name.replace("_", "-")
+
+
+def plain_type(f: dataclasses.Field) -> type:
+    """The type a value converts to: `float | None` -> float."""
+    hint = typing.get_type_hints(PruneOptions)[f.name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def check_value(f: dataclasses.Field, value: object) -> str | None:
+    """What is wrong with `value` for option `f` ('must be one of ...'), or None when it is allowed."""
+    meta = info(f)
+    if value is None:
+        return None
+    if meta.choices and value not in meta.choices:
+        return f"must be one of {', '.join(meta.choices)}, got {value!r}"
+    too_low = meta.low is not None and (value <= meta.low if meta.low_open else value < meta.low)
+    too_high = meta.high is not None and (value >= meta.high if meta.high_open else value > meta.high)
+    if too_low or too_high:
+        return f"must be {describe_range(meta)}, got {value}"
+    return None
+
+
+def describe_range(meta: OptionInfo) -> str:
+    """'at least 0 and below 1', 'above 0', ..."""
+    parts = []
+    if meta.low is not None:
+        parts.append(f"{'above' if meta.low_open else 'at least'} {meta.low:g}")
+    if meta.high is not None:
+        parts.append(f"{'below' if meta.high_open else 'at most'} {meta.high:g}")
+    return " and ".join(parts)
+
+
+SPEED_ONLY = tuple(f.name for f in fields() if info(f).speed_only)
+CHOICES = {f.name: info(f).choices for f in fields() if info(f).choices}

@@ -1,0 +1,77 @@
+"""The options schema: one declaration drives the CLI, batch manifests and the API."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from click.testing import CliRunner
+
+from streamprune import batch, cli, options
+from streamprune.errors import StreamPruneError
+from streamprune.options import PAPER_METHOD, PruneOptions, check_value, cli_flag
+
+
+def _run_params() -> dict:
+    return {p.name: p for p in cli.run.params}
+
+
+def test_every_field_is_a_run_option_with_the_schema_default():
+    params = _run_params()
+    for f in options.fields():
+        param = params[f.name]
+        assert cli_flag(f) in param.opts
+        if f.default is not dataclasses.MISSING:
+            assert param.default == f.default, f.name
+    assert params["ratio"].required
+
+
+def test_choices_come_from_the_schema():
+    params = _run_params()
+    assert list(params["recovery"].type.choices) == ["lstsq", "affine"]
+    assert list(params["gqa_mode"].type.choices) == ["heads", "groups"]
+
+
+def test_negated_flags_turn_the_option_off():
+    params = _run_params()
+    assert "--no-greedy" in params["greedy"].opts and params["greedy"].flag_value is False
+    assert "--layers" in params["num_pruned_layers"].opts
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"ratio": 1.0}, "--ratio must be at least 0 and below 1, got 1.0"),
+    ({"nsamples": 0}, "--nsamples must be at least 1, got 0"),
+    ({"damping": 0.0}, "--damping must be above 0, got 0.0"),
+    ({"recovery": "svd"}, "--recovery must be one of lstsq, affine, got 'svd'"),
+    ({"num_pruned_layers": 0}, "--layers must be at least 1, got 0"),
+    ({"attention_scale": -1.0}, "--attention-scale must be at least 0, got -1.0"),
+])
+def test_validate_names_the_flag_and_the_range(changes, message):
+    with pytest.raises(StreamPruneError, match=message):
+        PruneOptions(**{"ratio": 0.2, **changes}).validate()
+
+
+def test_none_means_the_computed_default():
+    f = next(f for f in options.fields() if f.name == "alpha")
+    assert check_value(f, None) is None
+
+
+def test_speed_only_options_are_left_out_of_the_result_options():
+    result = PruneOptions(ratio=0.2).result_options()
+    assert "batch_size" not in result and "prefetch" not in result
+    assert result["nsamples"] == 128 and result["ratio"] == 0.2
+
+
+def test_paper_preset_names_real_fields():
+    names = {f.name for f in options.fields()}
+    assert set(PAPER_METHOD) <= names
+    help_text = CliRunner().invoke(cli.main, ["run", "--help"]).output
+    assert "--recovery affine" in " ".join(help_text.split())
+
+
+def test_manifest_accepts_field_names_dashed_names_and_cli_flags():
+    assert batch.ALIASES["layers"] == ("num_pruned_layers", False)
+    assert batch.ALIASES["num_pruned_layers"] == ("num_pruned_layers", False)
+    assert batch.ALIASES["no-greedy"] == ("greedy", True)
+    assert batch.ALIASES["attention-scale"] == ("attention_scale", False)
+    assert batch.OPTION_TYPES["alpha"] is float and batch.OPTION_TYPES["prefetch"] is bool
