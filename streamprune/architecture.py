@@ -1,8 +1,12 @@
-"""Per-family adapters: read a LLaMA / Mistral / Qwen2 config.json into one `ModelShape`.
+"""The model adapter: everything streamprune knows about a model family, in one place.
 
-All supported families share Hugging Face's tensor names and decoder-layer maths; they differ only in
-which projections carry biases (and Mistral's sliding window). Everything downstream works from
-`ModelShape` and `StreamPruneConfig`, so adding a family means adding one `Family` entry here.
+The engine, evaluation and export never spell a tensor name, build a decoder layer, embed tokens,
+apply the final norm or make rotary tables themselves: they ask the family's `ModelAdapter`
+(reached as `shape.adapter`). The supported families (LLaMA, Mistral, Qwen2, Qwen3) share Hugging
+Face's tensor names and decoder-layer maths; they differ in which projections carry biases, and
+Qwen3 normalises each query and key head (`q_norm`, `k_norm`: one weight of head_dim shared by all
+heads, so head pruning leaves it unchanged). Adding a family means one `FAMILIES` entry, plus
+modeling support in `streamprune/modeling` where its layer maths differs.
 """
 
 from __future__ import annotations
@@ -10,31 +14,142 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
 from .errors import StreamPruneError
-from .modeling import StreamPruneConfig
+from .modeling import StreamPruneConfig, StreamPruneDecoderLayer
 
 LAYER_PREFIX = "model.layers.{}."
-ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+EMBEDDING = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+
+def _never(_config: dict) -> bool:
+    return False
+
+
+def _attention_bias(config: dict) -> bool:
+    return bool(config.get("attention_bias", False))
+
+
+def _mlp_bias(config: dict) -> bool:
+    return bool(config.get("mlp_bias", False))
 
 
 @dataclass(frozen=True)
-class Family:
-    """How one model family sets the bias flags of its projections."""
+class ModelAdapter:
+    """One model family: its projections' bias rules (read from config.json), whether it has per-head
+    q/k norms, and the tensor names and maths outside the decoder layers.
 
-    qkv_bias: Callable[[dict], bool]
-    o_bias: Callable[[dict], bool]
-    mlp_bias: Callable[[dict], bool]
+    Checkpoints with fused projections (one qkv or gate_up tensor) would be split in `read_layer`, the
+    only place layer tensors are read; no supported family needs it yet.
+    """
+
+    model_type: str
+    qkv_bias: Callable[[dict], bool] = _never
+    o_bias: Callable[[dict], bool] = _never
+    mlp_bias: Callable[[dict], bool] = _never
+    qk_norm: bool = False
+
+    # -- tensor names ---------------------------------------------------------------------------
+
+    def layer_tensor_names(self, layer_idx: int, spec: dict) -> list[str]:
+        """Names of the tensors of one decoder layer, given its sizes and bias flags."""
+        return list(self._layer_tensor_shapes(1, 1, layer_idx, spec))
+
+    def expected_layer_shapes(self, shape: ModelShape, layer_idx: int, spec: dict) -> dict[str, tuple[int, ...]]:
+        """The shape every tensor of a layer must have; used to check checkpoints against config.json."""
+        return self._layer_tensor_shapes(shape.hidden_size, shape.head_dim, layer_idx, spec)
+
+    def _layer_tensor_shapes(self, c: int, d: int, layer_idx: int, spec: dict) -> dict[str, tuple[int, ...]]:
+        q, kv, ffn = spec["num_attention_heads"] * d, spec["num_key_value_heads"] * d, spec["intermediate_size"]
+        shapes: dict[str, tuple[int, ...]] = {
+            "input_layernorm.weight": (c,), "post_attention_layernorm.weight": (c,),
+            "self_attn.q_proj.weight": (q, c), "self_attn.k_proj.weight": (kv, c),
+            "self_attn.v_proj.weight": (kv, c), "self_attn.o_proj.weight": (c, q),
+            "mlp.gate_proj.weight": (ffn, c), "mlp.up_proj.weight": (ffn, c), "mlp.down_proj.weight": (c, ffn),
+        }
+        if self.qk_norm:
+            shapes.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
+        if spec["qkv_bias"]:
+            shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                           "self_attn.v_proj.bias": (kv,)})
+        if spec["o_bias"]:
+            shapes["self_attn.o_proj.bias"] = (c,)
+        if spec["mlp_bias"]:
+            shapes.update({"mlp.gate_proj.bias": (ffn,), "mlp.up_proj.bias": (ffn,)})
+        if spec["down_bias"]:
+            shapes["mlp.down_proj.bias"] = (c,)
+        prefix = LAYER_PREFIX.format(layer_idx)
+        return {prefix + k: v for k, v in shapes.items()}
+
+    @staticmethod
+    def non_layer_tensor_names(shape: ModelShape) -> list[str]:
+        """Embedding, final norm and (untied) lm_head, in the order the output shards hold them."""
+        return [EMBEDDING, FINAL_NORM] + ([] if shape.tie_word_embeddings else [LM_HEAD])
+
+    @staticmethod
+    def output_weight_name(shape: ModelShape) -> str:
+        """The matrix that maps the final hidden state to logits (the embedding when tied)."""
+        return EMBEDDING if shape.tie_word_embeddings else LM_HEAD
+
+    # -- reading and building layers ------------------------------------------------------------
+
+    def read_layer(self, reader, layer_idx: int, spec: dict) -> dict[str, torch.Tensor]:
+        """One layer's tensors at their full names, as the layer module and the pruning code expect."""
+        return reader.read(self.layer_tensor_names(layer_idx, spec))
+
+    def engine_config(self, config: dict, shape: ModelShape, layer_specs: list[dict] | None = None
+                      ) -> StreamPruneConfig:
+        """A `StreamPruneConfig` describing the model (dense unless `layer_specs` is given).
+
+        The engine builds its decoder layers from this config, and the pruned folder's config.json is
+        this config too, so the layers that compute the calibration statistics are exactly the layers
+        users load.
+        """
+        kwargs = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map")}
+        kwargs.update(head_dim=shape.head_dim, attention_bias=False, mlp_bias=False, qk_norm=self.qk_norm)
+        specs = layer_specs or [shape.dense_layer_spec() for _ in range(shape.num_layers)]
+        return StreamPruneConfig(layer_configs=specs, base_model_type=shape.family, **kwargs)
+
+    @staticmethod
+    def layer_module(config: StreamPruneConfig, layer_idx: int) -> StreamPruneDecoderLayer:
+        """The decoder layer module for `config` (build it under `torch.device("meta")` to skip init)."""
+        return StreamPruneDecoderLayer(config, layer_idx)
+
+    # -- maths outside the decoder layers -------------------------------------------------------
+
+    @staticmethod
+    def embed(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Input hidden states in float32. (A family that scales its embedding, as Gemma does, would
+        multiply here; none of the supported ones does.)"""
+        if int(ids.max()) >= weight.shape[0]:
+            raise StreamPruneError("token ids exceed the embedding size; tokenizer and model disagree")
+        return weight[ids].float()
+
+    @staticmethod
+    def final_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """The final RMSNorm: normalise in float32, then scale in the weight's dtype."""
+        x = hidden.to(weight.device, torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return x.to(weight.dtype) * weight
+
+    @staticmethod
+    def rotary_tables(config: StreamPruneConfig, seqlen: int, device: torch.device, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for positions 0..seqlen-1 from the config's rope parameters."""
+        rotary = LlamaRotaryEmbedding(config).to(device)
+        probe = torch.empty(1, dtype=dtype, device=device)
+        return rotary(probe, torch.arange(seqlen, device=device)[None, :])
 
 
-FAMILIES: dict[str, Family] = {
-    "llama": Family(
-        qkv_bias=lambda c: bool(c.get("attention_bias", False)),
-        o_bias=lambda c: bool(c.get("attention_bias", False)),
-        mlp_bias=lambda c: bool(c.get("mlp_bias", False)),
-    ),
-    "mistral": Family(qkv_bias=lambda c: False, o_bias=lambda c: False, mlp_bias=lambda c: False),
-    "qwen2": Family(qkv_bias=lambda c: True, o_bias=lambda c: False, mlp_bias=lambda c: False),
+FAMILIES: dict[str, ModelAdapter] = {
+    "llama": ModelAdapter("llama", qkv_bias=_attention_bias, o_bias=_attention_bias, mlp_bias=_mlp_bias),
+    "mistral": ModelAdapter("mistral"),
+    "qwen2": ModelAdapter("qwen2", qkv_bias=lambda _c: True),
+    "qwen3": ModelAdapter("qwen3", qkv_bias=_attention_bias, o_bias=_attention_bias, qk_norm=True),
 }
 
 
@@ -54,6 +169,11 @@ class ModelShape:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        """The family's adapter: tensor names, layer construction, embedding, final norm, rotary tables."""
+        return FAMILIES[self.family]
 
     @property
     def heads_per_group(self) -> int:
@@ -109,58 +229,9 @@ def read_shape(config: dict) -> ModelShape:
     return shape
 
 
-def engine_config(config: dict, shape: ModelShape, layer_specs: list[dict] | None = None) -> StreamPruneConfig:
-    """A `StreamPruneConfig` describing the model (dense unless `layer_specs` is given).
-
-    The engine builds its decoder layers from this config, and the pruned folder's config.json is this
-    config too, so the layers that compute the calibration statistics are exactly the layers users load.
-    """
-    kwargs = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map")}
-    kwargs.update(head_dim=shape.head_dim, attention_bias=False, mlp_bias=False)
-    specs = layer_specs or [shape.dense_layer_spec() for _ in range(shape.num_layers)]
-    return StreamPruneConfig(layer_configs=specs, base_model_type=shape.family, **kwargs)
-
-
-def layer_tensor_names(layer_idx: int, spec: dict) -> list[str]:
-    """Names of the tensors of one decoder layer, given its bias flags."""
-    prefix = LAYER_PREFIX.format(layer_idx)
-    names = [f"{prefix}input_layernorm.weight", f"{prefix}post_attention_layernorm.weight"]
-    names += [f"{prefix}self_attn.{p}.weight" for p in ATTN_PROJ]
-    names += [f"{prefix}mlp.{p}.weight" for p in MLP_PROJ]
-    if spec["qkv_bias"]:
-        names += [f"{prefix}self_attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]
-    if spec["o_bias"]:
-        names.append(f"{prefix}self_attn.o_proj.bias")
-    if spec["mlp_bias"]:
-        names += [f"{prefix}mlp.{p}.bias" for p in ("gate_proj", "up_proj")]
-    if spec["down_bias"]:
-        names.append(f"{prefix}mlp.down_proj.bias")
-    return names
-
-
-def expected_layer_shapes(shape: ModelShape, layer_idx: int, spec: dict) -> dict[str, tuple[int, ...]]:
-    """The shape every tensor of a layer must have; used to check checkpoints against config.json."""
-    c, d = shape.hidden_size, shape.head_dim
-    q, kv, ffn = spec["num_attention_heads"] * d, spec["num_key_value_heads"] * d, spec["intermediate_size"]
-    prefix = LAYER_PREFIX.format(layer_idx)
-    shapes = {
-        "input_layernorm.weight": (c,), "post_attention_layernorm.weight": (c,),
-        "self_attn.q_proj.weight": (q, c), "self_attn.k_proj.weight": (kv, c),
-        "self_attn.v_proj.weight": (kv, c), "self_attn.o_proj.weight": (c, q),
-        "mlp.gate_proj.weight": (ffn, c), "mlp.up_proj.weight": (ffn, c), "mlp.down_proj.weight": (c, ffn),
-        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
-        "self_attn.o_proj.bias": (c,), "mlp.gate_proj.bias": (ffn,), "mlp.up_proj.bias": (ffn,),
-        "mlp.down_proj.bias": (c,),
-    }
-    wanted = set(layer_tensor_names(layer_idx, spec))
-    return {prefix + k: v for k, v in shapes.items() if prefix + k in wanted}
-
-
-def non_layer_tensor_names(shape: ModelShape) -> list[str]:
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not shape.tie_word_embeddings:
-        names.append("lm_head.weight")
-    return names
+def adapter_of(config: StreamPruneConfig) -> ModelAdapter:
+    """The adapter of the family a `StreamPruneConfig` was made from."""
+    return FAMILIES[config.base_model_type]
 
 
 def folder_config(config: dict) -> tuple[StreamPruneConfig, ModelShape]:
@@ -171,4 +242,4 @@ def folder_config(config: dict) -> tuple[StreamPruneConfig, ModelShape]:
         kwargs = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map")}
         return StreamPruneConfig(**kwargs), shape
     shape = read_shape(config)
-    return engine_config(config, shape), shape
+    return shape.adapter.engine_config(config, shape), shape

@@ -25,18 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .allocation import Allocation, head_units, solve_allocation
-from .architecture import (
-    LAYER_PREFIX,
-    ModelShape,
-    engine_config,
-    expected_layer_shapes,
-    layer_tensor_names,
-    non_layer_tensor_names,
-    read_shape,
-)
+from .architecture import EMBEDDING, LAYER_PREFIX, ModelShape, read_shape
 from .checkpoint import (
     INDEX_NAME,
     CheckpointReader,
@@ -246,8 +237,9 @@ class StreamingPruner:
         check_folders(self.model_dir, self.out_dir, overwrite)
         self.reader = CheckpointReader(self.model_dir)
         self.shape: ModelShape = read_shape(self.reader.config)
+        self.adapter = self.shape.adapter
         self._check_tensor_shapes()
-        self.dense_config = engine_config(self.reader.config, self.shape)
+        self.dense_config = self.adapter.engine_config(self.reader.config, self.shape)
         self.dense_config._attn_implementation = "sdpa"
         self.storage_dtype = self.reader.storage_dtype()
         self.staging = staging_dir_for(self.out_dir)
@@ -261,15 +253,15 @@ class StreamingPruner:
         """Every tensor the config implies must exist with the implied shape (headers only)."""
         spec = self.shape.dense_layer_spec()
         for i in range(self.shape.num_layers):
-            for name, want in expected_layer_shapes(self.shape, i, spec).items():
+            for name, want in self.adapter.expected_layer_shapes(self.shape, i, spec).items():
                 got = self.reader.shape(name)
                 if got != want:
                     raise StreamPruneError(f"tensor {name} has shape {list(got)} but config.json implies {list(want)}")
-        emb = self.reader.shape("model.embed_tokens.weight")
+        emb = self.reader.shape(EMBEDDING)
         if emb != (self.shape.vocab_size, self.shape.hidden_size):
-            raise StreamPruneError(f"model.embed_tokens.weight has shape {list(emb)}, config.json implies "
+            raise StreamPruneError(f"{EMBEDDING} has shape {list(emb)}, config.json implies "
                                    f"{[self.shape.vocab_size, self.shape.hidden_size]}")
-        for name in non_layer_tensor_names(self.shape):
+        for name in self.adapter.non_layer_tensor_names(self.shape):
             self.reader.shape(name)
 
     # -- calibration ----------------------------------------------------------------------------
@@ -342,19 +334,12 @@ class StreamingPruner:
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Calibration hidden states (nsamples, seqlen, C), float32 on the compute device."""
-        weight = self.reader.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
-        if int(ids.max()) >= weight.shape[0]:
-            raise StreamPruneError("calibration token ids exceed the embedding size; tokenizer and model disagree")
-        hidden = weight[ids].to(self.device, torch.float32)
-        del weight
-        return hidden
+        weight = self.reader.read([EMBEDDING])[EMBEDDING]
+        return self.adapter.embed(weight, ids).to(self.device)
 
     def _runtime(self, hidden: torch.Tensor) -> LayerRuntime:
-        rotary = LlamaRotaryEmbedding(self.dense_config).to(self.device)
-        positions = torch.arange(hidden.shape[1], device=self.device)[None, :]
-        probe = torch.empty(1, dtype=self.dtype, device=self.device)
-        cos, sin = rotary(probe, positions)
-        return LayerRuntime(self.device, self.dtype, self.options.batch_size, (cos, sin))
+        tables = self.adapter.rotary_tables(self.dense_config, hidden.shape[1], self.device, self.dtype)
+        return LayerRuntime(self.device, self.dtype, self.options.batch_size, tables)
 
     # -- hidden-state checkpoints ---------------------------------------------------------------
 
@@ -391,7 +376,7 @@ class StreamingPruner:
     # -- passes ---------------------------------------------------------------------------------
 
     def _read_layer(self, i: int) -> dict[str, torch.Tensor]:
-        return self.reader.read(layer_tensor_names(i, self.shape.dense_layer_spec()))
+        return self.adapter.read_layer(self.reader, i, self.shape.dense_layer_spec())
 
     def _layer_tensors(self, prefetcher: LayerPrefetcher, i: int) -> dict[str, torch.Tensor]:
         """The layer's tensors; 'read' is the time compute waited for the disk (near 0 when prefetch hides it)."""
@@ -490,7 +475,7 @@ class StreamingPruner:
     def _copy_non_layer(self, writer: ShardWriter) -> None:
         """Embeddings, final norm and lm_head, each in its own shard, one tensor in memory at a time."""
         L = self.shape.num_layers
-        for k, name in enumerate(non_layer_tensor_names(self.shape)):
+        for k, name in enumerate(self.adapter.non_layer_tensor_names(self.shape)):
             if not writer.exists(L + 1 + k):
                 with self.timer.phase("copy"):
                     writer.write(L + 1 + k, self.reader.read([name]))
@@ -508,7 +493,7 @@ class StreamingPruner:
                        num_key_value_heads=specs[0]["num_key_value_heads"],
                        intermediate_size=specs[0]["intermediate_size"], head_dim=self.shape.head_dim)
             return cfg, False
-        cfg = engine_config(self.reader.config, self.shape, specs).to_dict()
+        cfg = self.adapter.engine_config(self.reader.config, self.shape, specs).to_dict()
         cfg.update(architectures=["StreamPruneForCausalLM"], auto_map=dict(AUTO_MAP))
         cfg["dtype"] = str(self.reader.storage_dtype()).removeprefix("torch.")
         return cfg, True
@@ -535,8 +520,8 @@ class StreamingPruner:
         """Every tensor the new config implies is in the index with the expected shape, and no others."""
         expected: dict[str, tuple[int, ...]] = {}
         for i, spec in enumerate(specs):
-            expected.update(expected_layer_shapes(self.shape, i, spec))
-        for name in non_layer_tensor_names(self.shape):
+            expected.update(self.adapter.expected_layer_shapes(self.shape, i, spec))
+        for name in self.adapter.non_layer_tensor_names(self.shape):
             expected[name] = self.reader.shape(name)
         if shapes != expected:
             missing = sorted(set(expected) - set(shapes))[:3]
@@ -575,7 +560,7 @@ class StreamingPruner:
             torch.cuda.reset_peak_memory_stats(self.device)
         state = RunState.open(self.staging, run_fingerprint(self.reader, self.options), self.restart)
         L = self.shape.num_layers
-        non_layer = non_layer_tensor_names(self.shape)
+        non_layer = self.adapter.non_layer_tensor_names(self.shape)
         writer = ShardWriter(self.staging, L + len(non_layer))
         with self.stop, torch.inference_mode(False), torch.no_grad():
             ids = self._calibration_ids()
@@ -644,7 +629,7 @@ def _allocation_from_state(saved: dict) -> Allocation:
 
 def _layer_params(shape: ModelShape, spec: dict) -> int:
     total = 0
-    for dims in expected_layer_shapes(shape, 0, spec).values():
+    for dims in shape.adapter.expected_layer_shapes(shape, 0, spec).values():
         n = 1
         for d in dims:
             n *= d

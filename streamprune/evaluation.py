@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from .architecture import folder_config, layer_tensor_names
+from .architecture import EMBEDDING, FINAL_NORM, folder_config
 from .checkpoint import CheckpointReader
 from .engine import resolve_device, resolve_dtype
 from .errors import StreamPruneError
@@ -65,31 +64,36 @@ class StreamedModel:
         self.reader = CheckpointReader(model_dir)
         self.config, self.shape = folder_config(self.reader.config)
         self.config._attn_implementation = "sdpa"
+        self.adapter = self.shape.adapter
 
     @property
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        weight = self.reader.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
-        return weight[ids].float()
+        return self.adapter.embed(self.reader.read([EMBEDDING])[EMBEDDING], ids)
 
     def layer(self, i: int, runtime: LayerRuntime):
         spec = self.config.layer_spec(i)
-        return build_layer(self.config, i, self.reader.read(layer_tensor_names(i, spec)), runtime, consume=True)
+        return build_layer(self.config, i, self.adapter.read_layer(self.reader, i, spec), runtime, consume=True)
 
     def head(self, runtime: LayerRuntime) -> tuple[torch.Tensor, torch.Tensor]:
         """Final norm weight and lm_head weight (the embedding when tied) on the compute device."""
-        name = "model.embed_tokens.weight" if self.shape.tie_word_embeddings else "lm_head.weight"
-        t = self.reader.read(["model.norm.weight", name])
-        return (t["model.norm.weight"].to(runtime.device, runtime.dtype), t[name].to(runtime.device, runtime.dtype))
+        name = self.adapter.output_weight_name(self.shape)
+        t = self.reader.read([FINAL_NORM, name])
+        return (t[FINAL_NORM].to(runtime.device, runtime.dtype), t[name].to(runtime.device, runtime.dtype))
+
+    def log_probs(self, hidden: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Next-token log-probabilities (float32) from final hidden states."""
+        norm_w, lm_w = head
+        x = self.adapter.final_norm(hidden, norm_w, self.config.rms_norm_eps)
+        return F.log_softmax(F.linear(x, lm_w).float(), dim=-1)
 
 
-def _runtime(config, device: torch.device, dtype: torch.dtype, seqlen: int, batch_size: int) -> LayerRuntime:
-    rotary = LlamaRotaryEmbedding(config).to(device)
-    probe = torch.empty(1, dtype=dtype, device=device)
-    cos, sin = rotary(probe, torch.arange(seqlen, device=device)[None, :])
-    return LayerRuntime(device, dtype, batch_size, (cos, sin))
+def _runtime(model: StreamedModel, device: torch.device, dtype: torch.dtype, seqlen: int,
+             batch_size: int) -> LayerRuntime:
+    tables = model.adapter.rotary_tables(model.config, seqlen, device, dtype)
+    return LayerRuntime(device, dtype, batch_size, tables)
 
 
 @torch.no_grad()
@@ -97,14 +101,6 @@ def _advance(layer, hidden: torch.Tensor, runtime: LayerRuntime) -> None:
     for sl in runtime.batches(hidden.shape[0]):
         x = hidden[sl].to(runtime.device, runtime.dtype)
         hidden[sl] = layer(x, position_embeddings=runtime.position_embeddings).float().to(hidden.device)
-
-
-def _log_probs(hidden: torch.Tensor, head, eps: float) -> torch.Tensor:
-    norm_w, lm_w = head
-    x = hidden.to(lm_w.device, torch.float32)
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    logits = F.linear((x.to(lm_w.dtype) * norm_w), lm_w)
-    return F.log_softmax(logits.float(), dim=-1)
 
 
 @torch.no_grad()
@@ -117,7 +113,7 @@ def final_hidden_states(model_dir: str | Path, windows: torch.Tensor, *, device:
     """
     dev = resolve_device(device)
     model = StreamedModel(model_dir)
-    runtime = _runtime(model.config, dev, resolve_dtype(dtype, dev), windows.shape[1], batch_size)
+    runtime = _runtime(model, dev, resolve_dtype(dtype, dev), windows.shape[1], batch_size)
     hidden = model.embed(windows)
     for i in tqdm(range(model.num_layers), desc="eval", unit="layer", disable=quiet):
         _advance(model.layer(i, runtime), hidden, runtime)
@@ -139,7 +135,7 @@ def evaluate(model_dir: str | Path, windows: torch.Tensor, *, reference_dir: str
     cdtype = resolve_dtype(dtype, dev)
     models = [StreamedModel(model_dir)] + ([StreamedModel(reference_dir)] if reference_dir else [])
     seqlen = windows.shape[1]
-    runtimes = [_runtime(m.config, dev, cdtype, seqlen, batch_size) for m in models]
+    runtimes = [_runtime(m, dev, cdtype, seqlen, batch_size) for m in models]
     hiddens = [m.embed(windows) if i == 0 or reference_hidden is None else reference_hidden
                for i, m in enumerate(models)]
     streamed = models if reference_hidden is None else models[:1]
@@ -151,15 +147,14 @@ def evaluate(model_dir: str | Path, windows: torch.Tensor, *, reference_dir: str
                 _advance(layer, h, rt)
                 del layer
     heads = [m.head(rt) for m, rt in zip(models, runtimes, strict=True)]
-    eps = [m.config.rms_norm_eps for m in models]
     nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
     for sl in runtimes[0].batches(windows.shape[0]):
         targets = windows[sl, 1:].to(dev)
-        logp = _log_probs(hiddens[0][sl], heads[0], eps[0])[:, :-1]
+        logp = models[0].log_probs(hiddens[0][sl], heads[0])[:, :-1]
         nll_sum += float(-logp.gather(-1, targets[..., None]).double().sum())
         count += targets.numel()
         if reference_dir:
-            ref = _log_probs(hiddens[1][sl], heads[1], eps[1])[:, :-1]
+            ref = models[1].log_probs(hiddens[1][sl], heads[1])[:, :-1]
             kl_sum += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
             agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
     nll = nll_sum / count

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .allocation import HeadUnits, LayerPlan
-from .architecture import LAYER_PREFIX
+from .architecture import LAYER_PREFIX, adapter_of
 from .least_squares import CrossMoments
 from .method_parts import ChannelStatistics, DownProjInput, HeadProblem, LayerReport, MethodParts, MethodSwitches
 from .modeling import StreamPruneConfig, StreamPruneDecoderLayer
@@ -69,7 +69,7 @@ def build_layer(config: StreamPruneConfig, layer_idx: int, tensors: dict[str, to
     """
     prefix = LAYER_PREFIX.format(layer_idx)
     with torch.device("meta"):
-        layer = StreamPruneDecoderLayer(config, layer_idx)
+        layer = adapter_of(config).layer_module(config, layer_idx)
     state = {}
     for name in [n for n in tensors if n.startswith(prefix)]:
         tensor = tensors.pop(name) if consume else tensors[name]  # popped: freed once converted
@@ -101,7 +101,8 @@ def dense_forward_with_mid(layer: StreamPruneDecoderLayer, hidden: torch.Tensor,
     attn, mlp = layer.self_attn, layer.mlp
     for sl in runtime.batches(hidden.shape[0]):
         x = hidden[sl].to(runtime.device, runtime.dtype)
-        h = x + attn(hidden_states=layer.input_layernorm(x), position_embeddings=runtime.position_embeddings)[0]
+        h = x + attn(hidden_states=layer.input_layernorm(x), position_embeddings=runtime.position_embeddings,
+                     attention_mask=None)[0]
         mid[sl] = h.float().to(hidden.device)
         hidden[sl] = (h + mlp(layer.post_attention_layernorm(h))).float().to(hidden.device)
     return mid
@@ -270,7 +271,8 @@ class LayerJob:
             for sl in self._batches():
                 with self.timer.phase("forward"):
                     x = self.hidden[sl].to(rt.device, rt.dtype)
-                    attn(hidden_states=layer.input_layernorm(x), position_embeddings=rt.position_embeddings)
+                    attn(hidden_states=layer.input_layernorm(x), position_embeddings=rt.position_embeddings,
+                         attention_mask=None)
                     a = captured.pop()
                 with self.timer.phase("statistics"):
                     if cross is not None:

@@ -37,6 +37,8 @@ MODEL_SPECS = {
     "llama-tied": {"family": "llama", "kv_heads": 2, "tie": True},
     "mistral-gqa": {"family": "mistral", "kv_heads": 2},
     "qwen2-gqa": {"family": "qwen2", "kv_heads": 4},
+    # head_dim 16, not hidden // heads = 8: q_norm / k_norm and the projections must use the explicit one.
+    "qwen3-gqa": {"family": "qwen3", "kv_heads": 2, "head_dim": 16, "tie": True},
     "llama-sharded": {"family": "llama", "kv_heads": 4, "max_shard_size": "60KB"},
     "llama-fp16": {"family": "llama", "kv_heads": 4, "dtype": torch.float16},
 }

@@ -132,6 +132,8 @@ def head_outputs(layer, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     q = _linear(xn, attn.q_proj).view(n, t, -1, d)
     k = _linear(xn, attn.k_proj).view(n, t, -1, d)
     v = _linear(xn, attn.v_proj).view(n, t, -1, d)
+    if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each query / key head, before the rotary embedding
+        q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
     rep = q.shape[2] // k.shape[2]
     c, s = cos[:, :, None, :], sin[:, :, None, :]  # (1, T, 1, d): same positions for every sample
     q = q * c + _rotate_half(q) * s
@@ -291,7 +293,8 @@ def _prune_layer(layer, prefix: str, x_in: torch.Tensor, cos, sin, plan: RefPlan
     n, t, c_dim = x_in.shape
     attn, mlp = layer.self_attn, layer.mlp
     d = attn.head_dim
-    for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+    norms = [n for n, _ in layer.named_parameters() if "norm" in n]  # Qwen3's q_norm / k_norm too
+    for name in norms:
         out[prefix + name] = layer.get_parameter(name).clone()
 
     # ---- attention (METHOD.md section 2, then section 4 for o_proj) ----

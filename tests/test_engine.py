@@ -26,7 +26,7 @@ def _param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())  # transformers dedupes tied weights
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-gqa", "llama-tied"])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-gqa", "llama-tied", "qwen3-gqa"])
 def test_ratio_zero_reproduces_the_input_model(models, calib_file, tmp_path, name):
     src = models(name)
     streamprune.prune(src, tmp_path / "out", 0.0, calib=str(calib_file), **CALIB)
@@ -51,6 +51,8 @@ def test_ratio_zero_reproduces_the_input_model(models, calib_file, tmp_path, nam
         ("qwen2-gqa", "groups", 0.4),
         ("llama-tied", "heads", 0.25),
         ("mistral-gqa", "heads", 0.2),
+        ("qwen3-gqa", "heads", 0.3),
+        ("qwen3-gqa", "groups", 0.3),
     ],
 )
 def test_parameter_target_is_hit_and_output_loads(models, calib_file, tmp_path, name, gqa_mode, ratio):
@@ -72,7 +74,7 @@ def test_parameter_target_is_hit_and_output_loads(models, calib_file, tmp_path, 
         assert cfg["num_attention_heads"] >= 1 and cfg["intermediate_size"] >= 1
 
 
-@pytest.mark.parametrize("name", ["llama-mha", "llama-gqa", "qwen2-gqa", "mistral-gqa"])
+@pytest.mark.parametrize("name", ["llama-mha", "llama-gqa", "qwen2-gqa", "mistral-gqa", "qwen3-gqa"])
 def test_pruned_model_generates_with_kv_cache_in_plain_transformers(models, calib_file, tmp_path, name):
     out = tmp_path / "out"
     streamprune.prune(models(name), out, 0.3, calib=str(calib_file), **CALIB)

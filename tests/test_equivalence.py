@@ -59,6 +59,7 @@ CASES = {
     "gqa_llama_groups": Case("llama", 8, 4, 0.3, {"gqa_mode": "groups", "batch_size": 3}),
     "qwen2_gqa_heads": Case("qwen2", 8, 2, 0.3, {"gqa_mode": "heads", "batch_size": 3}, expect_swaps=True),
     "mistral_gqa_groups": Case("mistral", 8, 2, 0.3, {"gqa_mode": "groups"}),
+    "qwen3_gqa_heads": Case("qwen3", 8, 2, 0.3, {"gqa_mode": "heads", "batch_size": 3}),
     "llama_all_biases": Case("llama", 8, None, 0.3, biases=True, expect_swaps=True),
     # 2 x 16 = 32 tokens < hidden 64: the engine takes the PCA from the token Gram, the reference from
     # the C x C covariance, as METHOD.md writes it.
@@ -222,7 +223,7 @@ def test_reference_dense_forward_matches_transformers(tmp_path: Path) -> None:
     transformers rounds RMSNorm and the rotary tables through float32; with those two swapped for the
     reference's float64 versions, the rest of its float64 forward (sdpa attention) must agree to 1e-10.
     """
-    for family, kv in (("llama", None), ("qwen2", 2)):
+    for family, kv in (("llama", None), ("qwen2", 2), ("qwen3", 2)):
         src = make_tiny_model(tmp_path / family, family, kv_heads=kv)
         model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float64, attn_implementation="sdpa")
         ids = torch.randint(0, model.config.vocab_size, (NSAMPLES, SEQLEN), generator=torch.Generator().manual_seed(0))

@@ -39,7 +39,7 @@ def test_windows_are_consecutive_and_non_overlapping(models):
     assert w.flatten().tolist() == ids[: w.numel()]
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-gqa", "llama-tied"])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-gqa", "llama-tied", "qwen3-gqa"])
 def test_streamed_perplexity_equals_full_model(models, windows, name):
     result = evaluate(models(name), windows, batch_size=3, dtype="float32")
     assert result.tokens == windows.shape[0] * 15

@@ -1,4 +1,4 @@
-"""Tiny random LLaMA / Mistral / Qwen2 checkpoints for tests, saved as real HF folders with a tokenizer."""
+"""Tiny random LLaMA / Mistral / Qwen2 / Qwen3 checkpoints for tests, saved as real HF folders with a tokenizer."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from tests.tokenizer_fixtures import make_tiny_tokenizer
@@ -21,6 +23,7 @@ FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
 }
 
 # Calibration text for tests: plain English, long enough for a few dozen 16-token windows.
@@ -41,6 +44,7 @@ def make_tiny_model(
     hidden: int = 64,
     heads: int = 8,
     kv_heads: int | None = None,
+    head_dim: int | None = None,
     ffn: int = 160,
     tie: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -48,9 +52,11 @@ def make_tiny_model(
     seed: int = 0,
 ) -> Path:
     """Save a random model with a tokenizer to `path` and return it. Weights are scaled up from the
-    default init so heads and channels differ clearly in importance (a flat model prunes arbitrarily)."""
+    default init so heads and channels differ clearly in importance (a flat model prunes arbitrarily).
+    `head_dim` defaults to hidden // heads (Qwen3's own default, 128, is far too big for a tiny model)."""
     config_cls, model_cls = FAMILIES[family]
     config = config_cls(
+        head_dim=head_dim or hidden // heads,
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=256,
         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=None,

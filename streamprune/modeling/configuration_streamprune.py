@@ -20,15 +20,18 @@ class StreamPruneConfig(LlamaConfig):
     bias flags ``qkv_bias`` (q/k/v), ``o_bias``, ``mlp_bias`` (gate/up) and ``down_bias``. Regression
     recovery gives pruned layers an o_proj and down_proj bias, and Qwen2 has q/k/v biases, so the
     flags are per projection rather than Llama's single ``attention_bias``. ``head_dim`` is always
-    explicit because pruning heads changes ``hidden_size // num_attention_heads``.
+    explicit because pruning heads changes ``hidden_size // num_attention_heads``. ``qk_norm`` marks
+    per-head query/key RMSNorms (Qwen3); their weights have head_dim entries, whatever the head count.
     """
 
     model_type = "streamprune"
 
-    def __init__(self, layer_configs: list[dict] | None = None, base_model_type: str = "llama", **kwargs):
+    def __init__(self, layer_configs: list[dict] | None = None, base_model_type: str = "llama",
+                 qk_norm: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.layer_configs = layer_configs
         self.base_model_type = base_model_type
+        self.qk_norm = qk_norm
 
     def layer_spec(self, layer_idx: int) -> dict:
         """Sizes and bias flags of one layer, with global defaults filled in."""

@@ -3,7 +3,8 @@
 Copied into every pruned model folder (``trust_remote_code=True``), so it imports nothing but
 ``torch`` and ``transformers``. Each layer is the stock ``LlamaDecoderLayer`` built from a per-layer
 copy of the config, so attention kernels, KV cache and generation are exactly transformers' own;
-only the projections whose bias flags differ from Llama's single ``attention_bias`` are rebuilt.
+only the projections whose bias flags differ from Llama's single ``attention_bias`` are rebuilt, and
+a model with per-head query/key norms (``qk_norm``: Qwen3) uses transformers' ``Qwen3Attention``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
 )
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 try:  # inside a model folder the config sits next to this file
     from .configuration_streamprune import StreamPruneConfig
@@ -45,6 +47,9 @@ class StreamPruneDecoderLayer(LlamaDecoderLayer):
         local.attention_bias = spec["qkv_bias"]
         local.mlp_bias = spec["mlp_bias"]
         super().__init__(local, layer_idx)
+        if getattr(config, "qk_norm", False):
+            # Same projections, plus RMSNorm over each query and key head before the rotary embedding.
+            self.self_attn = Qwen3Attention(local, layer_idx)
         attn = self.self_attn
         # Attention reads the attention implementation from its config at run time: point it at the
         # shared config so `set_attn_implementation` on the model reaches every layer.
