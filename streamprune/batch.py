@@ -63,10 +63,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .calibration import FILE_SUFFIXES as CALIB_FILE_SUFFIXES
-from .engine import REPORT_NAME
 from .errors import StreamPruneError
 from .options import PruneOptions, cli_flag, plain_type
 from .options import fields as option_fields
+from .output import REPORT_NAME
 
 CACHE_NAME = ".streamprune-cache"
 EXIT_INTERRUPTED = 130

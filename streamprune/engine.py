@@ -15,10 +15,7 @@ import errno
 import hashlib
 import json
 import os
-import shutil
-import signal
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,10 +30,10 @@ from .checkpoint import (
     CheckpointReader,
     ShardWriter,
     copy_atomically,
-    copy_aux_files,
     read_json,
     write_json,
 )
+from .devices import resolve_device, resolve_dtype
 from .errors import StreamPruneError
 from .faults import fault_point
 from .layer_pruning import (
@@ -49,165 +46,21 @@ from .layer_pruning import (
     prune_layer,
 )
 from .memory import peak_rss_mb, return_freed_memory_promptly
-from .modeling import AUTO_MAP, REMOTE_CODE_FILES
 from .options import PAPER_METHOD, PruneOptions
-
-REPORT_NAME = "streamprune_report.json"
-STATE_NAME = "state.json"
-FORMAT_VERSION = 1
-
+from .output import HFFolderOutput, read_report
+from .prefetch import LayerPrefetcher
+from .run_state import (
+    RunState,
+    StopFlag,
+    check_folders,
+    model_fingerprint,
+    run_fingerprint,
+    staging_dir_for,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Devices, folders, state
 # ----------------------------------------------------------------------------------------------
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise StreamPruneError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise StreamPruneError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise StreamPruneError(f"--device {name} asked for CUDA, but no CUDA GPU is available; use --device cpu")
-        index = device.index or 0
-        if index >= torch.cuda.device_count():
-            raise StreamPruneError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-        device = torch.device("cuda", index)
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is float16 on CUDA (V100s have no bfloat16) and float32 on CPU (fast fp16 kernels are rare)."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise StreamPruneError(f"unknown --dtype {name!r}; use auto, float32, float16 or bfloat16")
-    return _DTYPES[name]
-
-
-def staging_dir_for(out_dir: Path) -> Path:
-    """Staging lives beside OUT_DIR (same filesystem, so the final rename is atomic)."""
-    return out_dir.parent / f".{out_dir.name}.streamprune-partial"
-
-
-def check_folders(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
-    model_res, out_res = model_dir.resolve(), out_dir.resolve()
-    if out_res == model_res or model_res in out_res.parents:
-        raise StreamPruneError("OUT_DIR must not be MODEL_DIR or inside it; choose a folder elsewhere")
-    if out_res in model_res.parents:
-        raise StreamPruneError("OUT_DIR must not contain MODEL_DIR; choose a folder elsewhere")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise StreamPruneError(f"OUT_DIR {out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise StreamPruneError(f"OUT_DIR {out_dir} is not empty; pass --overwrite to replace it")
-
-
-def model_fingerprint(reader: CheckpointReader) -> str:
-    """Cheap identity of the input checkpoint: config, index and shard sizes / mtimes."""
-    h = hashlib.sha256(json.dumps(reader.config, sort_keys=True).encode())
-    for file in sorted(set(reader.weight_map.values())):
-        st = (reader.model_dir / file).stat()
-        h.update(f"{file}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
-def run_fingerprint(reader: CheckpointReader, options: PruneOptions) -> dict:
-    return {"format": FORMAT_VERSION, "model": model_fingerprint(reader), "options": options.result_options()}
-
-
-class RunState:
-    """`state.json` in the staging folder: how far each pass got, and what it decided."""
-
-    def __init__(self, staging: Path, fingerprint: dict):
-        self.path = staging / STATE_NAME
-        self.data = {"fingerprint": fingerprint, "scores": [], "pass2_done": 0, "layer_specs": [],
-                     "layer_reports": [], "allocation": None, "hidden_file": None, "timings": {}}
-
-    @classmethod
-    def open(cls, staging: Path, fingerprint: dict, restart: bool) -> RunState:
-        state = cls(staging, fingerprint)
-        if staging.is_dir() and state.path.is_file() and not restart:
-            saved = read_json(state.path)
-            if saved.get("fingerprint") != fingerprint:
-                raise StreamPruneError(
-                    f"{staging} holds an unfinished run with different options or input; rerun with the "
-                    "same options to resume, or pass --restart to discard it"
-                )
-            state.data = saved
-            return state
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-        state.save()
-        return state
-
-    def save(self) -> None:
-        write_json(self.path, self.data)
-
-
-class _StopFlag:
-    """Ctrl-C sets a flag; the loop stops at the next layer boundary with everything resumable."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C handling alone
-            self._old = None
-        return self
-
-    def _handle(self, *_):
-        if self.requested:  # a second Ctrl-C aborts at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-
-
-class LayerPrefetcher:
-    """Reads the next layer on a background thread while the current one is computed.
-
-    The caller says when to start (`read_ahead`). On a GPU the pruning pass starts it as soon as the
-    layer is on the device, to overlap the whole layer. On CPU the layer shares host memory with
-    the read-ahead copy, so the pass starts it once the layer's weights are released (only its
-    output and activations remain): the copy then never adds to the layer's peak, and it still
-    overlaps the output write and the hidden-state checkpoint. At most two layers are in host memory.
-    Safetensors reads and torch copies release the GIL, so one worker thread is enough.
-    """
-
-    def __init__(self, read_layer, num_layers: int, enabled: bool = True):
-        self.read_layer, self.num_layers, self.enabled = read_layer, num_layers, enabled
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamprune-read") if enabled else None
-        self._pending: dict[int, Future] = {}
-
-    def read_ahead(self, i: int) -> None:
-        """Start reading layer i in the background (no-op when disabled, past the end or started)."""
-        if self._pool is not None and i < self.num_layers and i not in self._pending:
-            self._pending[i] = self._pool.submit(self.read_layer, i)
-
-    def get(self, i: int) -> dict[str, torch.Tensor]:
-        """Layer i's tensors: the read-ahead result if one was started, else a read now."""
-        future = self._pending.pop(i, None)
-        return future.result() if future is not None else self.read_layer(i)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            for future in self._pending.values():
-                future.cancel()
-            self._pool.shutdown(wait=True)
-        self._pending.clear()
-
 
 # ----------------------------------------------------------------------------------------------
 # The engine
@@ -243,9 +96,10 @@ class StreamingPruner:
         self.dense_config._attn_implementation = "sdpa"
         self.storage_dtype = self.reader.storage_dtype()
         self.staging = staging_dir_for(self.out_dir)
+        self.output = HFFolderOutput(self.reader, self.shape, self.staging, self.out_dir)
         self.units = head_units(self.shape, options.gqa_mode)
         self.timer = Timer(self.device)
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -284,9 +138,9 @@ class StreamingPruner:
 
     def _reuse_dense_scores(self, state: RunState) -> None:
         path = self._shared_path("dense-scores")
-        if path is not None and path.is_file() and not state.data["scores"]:
-            state.data["scores"] = read_json(path)["scores"]
-            state.data["dense_scores_reused"] = True
+        if path is not None and path.is_file() and not state.scores:
+            state.scores = read_json(path)["scores"]
+            state.dense_scores_reused = True
             state.save()
 
     def _share_dense_scores(self, scores: list[float]) -> None:
@@ -352,13 +206,13 @@ class StreamingPruner:
             tensors["dense"] = dense.to("cpu").contiguous()
         save_file(tensors, str(tmp))
         os.replace(tmp, self.staging / name)
-        old, state.data["hidden_file"] = state.data["hidden_file"], name
+        old, state.hidden_file = state.hidden_file, name
         state.save()
         if old and old != name:
             (self.staging / old).unlink(missing_ok=True)
 
     def _load_hidden(self, state: RunState, key: str = "hidden") -> torch.Tensor:
-        return load_file(str(self.staging / state.data["hidden_file"]))[key].to(self.device)
+        return load_file(str(self.staging / state.hidden_file))[key].to(self.device)
 
     def _check_finite(self, hidden: torch.Tensor, layer: int) -> None:
         if not torch.isfinite(hidden).all():
@@ -388,7 +242,7 @@ class StreamingPruner:
 
     def _pass1_scores(self, state: RunState, ids: torch.Tensor) -> list[float]:
         """Dense pass: s_l = mean over tokens of cos(x_l, y_l)."""
-        scores = state.data["scores"]
+        scores = state.scores
         L = self.shape.num_layers
         if len(scores) == L:
             return scores
@@ -407,7 +261,7 @@ class StreamingPruner:
                     scores.append(dense_forward(layer, hidden, runtime))
                 del layer
                 self._check_finite(hidden, i)
-                state.data.setdefault("pass1_seconds", []).append(self._phase_delta(before))
+                state.pass1_seconds.append(self._phase_delta(before))
                 self._save_hidden(state, hidden, f"p1-{i:05d}")
                 self._check_stop(i, "pass 1")
         finally:
@@ -416,7 +270,7 @@ class StreamingPruner:
 
     def _pass2_prune(self, state: RunState, ids: torch.Tensor, allocation: Allocation,
                      writer: ShardWriter) -> None:
-        done = state.data["pass2_done"]
+        done = state.pass2_done
         L = self.shape.num_layers
         if done == L:  # killed after the last layer (e.g. while finalizing): nothing left to compute
             return
@@ -431,11 +285,11 @@ class StreamingPruner:
             for i in bar:
                 before = dict(self.timer.seconds)
                 self._prune_one(i, prefetcher, hidden, runtime, allocation, writer, state, dense_stream)
-                state.data["layer_reports"][-1]["seconds"] = self._phase_delta(before)
-                dense = state.data.get("pass1_seconds", [])
+                state.layer_reports[-1]["seconds"] = self._phase_delta(before)
+                dense = state.pass1_seconds
                 if i < len(dense):
-                    state.data["layer_reports"][-1]["seconds"]["pass1_dense_forward"] = dense[i].get("dense_forward")
-                state.data["pass2_done"] = i + 1
+                    state.layer_reports[-1]["seconds"]["pass1_dense_forward"] = dense[i].get("dense_forward")
+                state.pass2_done = i + 1
                 self._save_hidden(state, hidden, f"p2-{i:05d}", dense_stream)
                 self._check_stop(i, "pass 2")
         finally:
@@ -469,8 +323,8 @@ class StreamingPruner:
         report = result.report.to_dict()
         report.update(plan_ratio=plan.ratio, score=plan.score, params_before=_layer_params(self.shape, dense_spec),
                       params_after=_layer_params(self.shape, spec))
-        state.data["layer_specs"].append(spec)
-        state.data["layer_reports"].append(report)
+        state.layer_specs.append(spec)
+        state.layer_reports.append(report)
 
     def _copy_non_layer(self, writer: ShardWriter) -> None:
         """Embeddings, final norm and lm_head, each in its own shard, one tensor in memory at a time."""
@@ -479,66 +333,6 @@ class StreamingPruner:
             if not writer.exists(L + 1 + k):
                 with self.timer.phase("copy"):
                     writer.write(L + 1 + k, self.reader.read([name]))
-
-    # -- output ---------------------------------------------------------------------------------
-
-    def _output_config(self, specs: list[dict]) -> tuple[dict, bool]:
-        """Stock family config when every layer has one shape and native biases; else StreamPrune's."""
-        dense = self.shape.dense_layer_spec()
-        flags = ("qkv_bias", "o_bias", "mlp_bias", "down_bias")
-        homogeneous = all(s == specs[0] for s in specs) and all(specs[0][f] == dense[f] for f in flags)
-        if homogeneous:
-            cfg = dict(self.reader.config)
-            cfg.update(num_attention_heads=specs[0]["num_attention_heads"],
-                       num_key_value_heads=specs[0]["num_key_value_heads"],
-                       intermediate_size=specs[0]["intermediate_size"], head_dim=self.shape.head_dim)
-            return cfg, False
-        cfg = self.adapter.engine_config(self.reader.config, self.shape, specs).to_dict()
-        cfg.update(architectures=["StreamPruneForCausalLM"], auto_map=dict(AUTO_MAP))
-        cfg["dtype"] = str(self.reader.storage_dtype()).removeprefix("torch.")
-        return cfg, True
-
-    def _finalize(self, state: RunState, writer: ShardWriter, report: dict) -> None:
-        specs = state.data["layer_specs"]
-        config, remote = self._output_config(specs)
-        write_json(self.staging / "config.json", config)
-        if remote:
-            for src in REMOTE_CODE_FILES:
-                shutil.copy2(src, self.staging / src.name)
-        copy_aux_files(self.model_dir, self.staging)
-        shapes = writer.write_index()
-        self._verify(shapes, specs)
-        write_json(self.staging / REPORT_NAME, report)
-        for scratch in self.staging.glob("hidden-*.safetensors"):
-            scratch.unlink()
-        fault_point("finalize")
-        for name in (STATE_NAME, "calibration.safetensors"):
-            (self.staging / name).unlink(missing_ok=True)
-        self._publish()
-
-    def _verify(self, shapes: dict[str, tuple[int, ...]], specs: list[dict]) -> None:
-        """Every tensor the new config implies is in the index with the expected shape, and no others."""
-        expected: dict[str, tuple[int, ...]] = {}
-        for i, spec in enumerate(specs):
-            expected.update(self.adapter.expected_layer_shapes(self.shape, i, spec))
-        for name in self.adapter.non_layer_tensor_names(self.shape):
-            expected[name] = self.reader.shape(name)
-        if shapes != expected:
-            missing = sorted(set(expected) - set(shapes))[:3]
-            wrong = sorted(n for n in set(expected) & set(shapes) if expected[n] != shapes[n])[:3]
-            raise StreamPruneError(f"output verification failed (missing {missing}, wrong shape {wrong}); "
-                                   "rerun with --restart")
-
-    def _publish(self) -> None:
-        """Move the staging folder into place; an existing OUT_DIR is removed only now (--overwrite)."""
-        if self.out_dir.exists():
-            trash = self.out_dir.parent / f".{self.out_dir.name}.streamprune-old"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(self.out_dir, trash)
-            os.replace(self.staging, self.out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.staging, self.out_dir)
 
     # -- entry point ----------------------------------------------------------------------------
 
@@ -559,9 +353,7 @@ class StreamingPruner:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         state = RunState.open(self.staging, run_fingerprint(self.reader, self.options), self.restart)
-        L = self.shape.num_layers
-        non_layer = self.adapter.non_layer_tensor_names(self.shape)
-        writer = ShardWriter(self.staging, L + len(non_layer))
+        writer = self.output.shard_writer()
         with self.stop, torch.inference_mode(False), torch.no_grad():
             ids = self._calibration_ids()
             o = self.options
@@ -572,24 +364,24 @@ class StreamingPruner:
                 self._share_dense_scores(scores)
             else:
                 scores = None
-            if state.data["allocation"] is None:
+            if state.allocation is None:
                 allocation = solve_allocation(self.shape, self.reader.parameter_count(), o.ratio, scores,
                                               o.alpha, o.num_pruned_layers, o.gqa_mode, o.regression,
                                               o.attention_scale)
-                state.data["allocation"] = {"summary": allocation.to_dict(),
+                state.allocation = {"summary": allocation.to_dict(),
                                             "plans": [asdict(p) for p in allocation.plans]}
-                state.data["hidden_file"] = None  # pass 2 starts from the embeddings again
+                state.hidden_file = None  # pass 2 starts from the embeddings again
                 state.save()
-            allocation = _allocation_from_state(state.data["allocation"])
+            allocation = _allocation_from_state(state.allocation)
             self._pass2_prune(state, ids, allocation, writer)
             self._copy_non_layer(writer)
         report = self._report(state, allocation, time.perf_counter() - started)
-        self._finalize(state, writer, report)
-        return PruneResult(self.out_dir, report, allocation, state.data["layer_specs"])
+        self.output.finalize(writer, state.layer_specs, report)
+        return PruneResult(self.out_dir, report, allocation, state.layer_specs)
 
     def _report(self, state: RunState, allocation: Allocation, seconds: float) -> dict:
         after = self.reader.parameter_count() - sum(
-            r["params_before"] - r["params_after"] for r in state.data["layer_reports"])
+            r["params_before"] - r["params_after"] for r in state.layer_reports)
         report = {
             "streamprune_version": _version(),
             "model_dir": str(self.model_dir),
@@ -602,8 +394,8 @@ class StreamingPruner:
             "params_before": self.reader.parameter_count(),
             "params_after": after,
             "achieved_ratio": 1 - after / self.reader.parameter_count(),
-            "dense_scores_reused": bool(state.data.get("dense_scores_reused")),
-            "layers": state.data["layer_reports"],
+            "dense_scores_reused": state.dense_scores_reused,
+            "layers": state.layer_reports,
             "timings_seconds": {"total_this_process": seconds, **dict(self.timer.seconds)},
             "peak_rss_mb": peak_rss_mb(),
         }
@@ -641,13 +433,6 @@ def _version() -> str:
     from . import __version__
 
     return __version__
-
-
-def read_report(out_dir: str | Path) -> dict:
-    path = Path(out_dir) / REPORT_NAME
-    if not path.is_file():
-        raise StreamPruneError(f"{out_dir} has no {REPORT_NAME}; is it a streamprune output folder?")
-    return read_json(path)
 
 
 def prune(model_dir: str | Path, out_dir: str | Path, ratio: float, *, overwrite: bool = False,

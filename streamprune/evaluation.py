@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .architecture import EMBEDDING, FINAL_NORM, folder_config
 from .checkpoint import CheckpointReader
-from .engine import resolve_device, resolve_dtype
+from .devices import resolve_device, resolve_dtype
 from .errors import StreamPruneError
 from .layer_pruning import LayerRuntime, build_layer
 from .memory import peak_rss_mb, return_freed_memory_promptly

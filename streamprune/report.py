@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .engine import read_report
 from .errors import StreamPruneError
+from .output import read_report
 
 
 def report_table(report: dict) -> str:

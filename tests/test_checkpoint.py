@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from streamprune.checkpoint import CheckpointReader
-from streamprune.engine import LayerPrefetcher
 from streamprune.memory import peak_rss_mb, return_freed_memory_promptly
+from streamprune.prefetch import LayerPrefetcher
 
 
 @pytest.mark.parametrize("name", ["llama-sharded", "qwen2-gqa", "llama-fp16"])
