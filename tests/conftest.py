@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import streamprune
 from tests.tiny_models import make_tiny_model, write_calib_text
 
 # The suite must never reach the Hub; make any accidental attempt fail fast instead of hanging.
@@ -47,3 +48,19 @@ MODEL_SPECS = {
 @pytest.fixture(scope="session")
 def calib_file(tmp_path_factory):
     return write_calib_text(tmp_path_factory.mktemp("calib") / "calib.txt")
+
+
+@pytest.fixture(scope="session")
+def pruned(models, calib_file, tmp_path_factory):
+    """Factory: pruned(name, ratio) -> PruneResult of `streamprune.prune` with the test calibration,
+    run once per (model, ratio) per session. Tests only read its folder (`.out_dir`)."""
+    root = tmp_path_factory.mktemp("pruned")
+    cache: dict[tuple[str, float], streamprune.PruneResult] = {}
+
+    def get(name: str, ratio: float) -> streamprune.PruneResult:
+        if (name, ratio) not in cache:
+            out = root / f"{name}-{ratio}"
+            cache[name, ratio] = streamprune.prune(models(name), out, ratio, calib=str(calib_file), **CALIB)
+        return cache[name, ratio]
+
+    return get

@@ -10,10 +10,8 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import streamprune
 from streamprune.cli import main
 from streamprune.evaluation import evaluate, final_hidden_states, text_windows
-from tests.conftest import CALIB
 from tests.tiny_models import CALIB_TEXT
 
 
@@ -46,10 +44,9 @@ def test_streamed_perplexity_equals_full_model(models, windows, name):
     assert result.perplexity == pytest.approx(_direct_perplexity(models(name), windows), rel=1e-5)
 
 
-def test_pruned_model_perplexity_kl_and_agreement(models, windows, calib_file, tmp_path):
+def test_pruned_model_perplexity_kl_and_agreement(models, windows, pruned):
     dense = models("llama-gqa")
-    out = tmp_path / "out"
-    streamprune.prune(dense, out, 0.3, calib=str(calib_file), **CALIB)
+    out = pruned("llama-gqa", 0.3).out_dir
     pruned = evaluate(out, windows, reference_dir=dense, dtype="float32")
     assert pruned.perplexity == pytest.approx(_direct_perplexity(out, windows, trust_remote_code=True), rel=1e-5)
     assert pruned.kl_from_reference > 1e-4 and 0 < pruned.top1_agreement < 1

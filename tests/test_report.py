@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-import streamprune
 from streamprune.cli import main
-from tests.conftest import CALIB
 
 
-def test_report_renders_table_and_png(models, calib_file, tmp_path):
-    out = tmp_path / "out"
-    streamprune.prune(models("llama-gqa"), out, 0.3, calib=str(calib_file), **CALIB)
+def test_report_renders_table_and_png(pruned, tmp_path):
+    out = pruned("llama-gqa", 0.3).out_dir
     result = CliRunner().invoke(main, ["report", str(out), "--png", str(tmp_path / "r.png")])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()

@@ -226,6 +226,7 @@ def clean_run(models, calib_file, tmp_path_factory):
     return args, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["pass1:2", "pass2:1", "write:3", "finalize"])
 def test_kill_9_then_resume_gives_identical_output(clean_run, tmp_path, fault):
     args, clean_out = clean_run
@@ -239,6 +240,7 @@ def test_kill_9_then_resume_gives_identical_output(clean_run, tmp_path, fault):
     assert output_digest(out) == output_digest(clean_out)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_at_a_layer_boundary_and_resumes(clean_run, tmp_path):
     args, clean_out = clean_run
     out = tmp_path / "out"
@@ -251,6 +253,7 @@ def test_ctrl_c_stops_at_a_layer_boundary_and_resumes(clean_run, tmp_path):
     assert output_digest(out) == output_digest(clean_out)
 
 
+@pytest.mark.slow
 def test_resume_with_different_options_is_refused_until_restart(clean_run, tmp_path):
     args, clean_out = clean_run
     out = tmp_path / "out"
@@ -264,6 +267,7 @@ def test_resume_with_different_options_is_refused_until_restart(clean_run, tmp_p
     assert json.loads((out / "streamprune_report.json").read_text())["options"]["ratio"] == 0.25
 
 
+@pytest.mark.slow
 def test_two_clean_runs_are_byte_identical(clean_run, tmp_path):
     args, clean_out = clean_run
     out = tmp_path / "again"
