@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .errors import StreamPruneError
+from .options import option_problem
 
 log = logging.getLogger(__name__)
 
@@ -304,10 +305,9 @@ def adds_bos(tokenizer) -> bool:
 
 
 def _check_sizes(nsamples: int, seqlen: int) -> None:
-    if nsamples < 1:
-        raise CalibrationError(f"--nsamples must be at least 1, got {nsamples}")
-    if seqlen < 2:
-        raise CalibrationError(f"--seqlen must be at least 2, got {seqlen}")
+    problem = option_problem("nsamples", nsamples) or option_problem("seqlen", seqlen)
+    if problem:
+        raise CalibrationError(problem)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from .devices import resolve_device, resolve_dtype
 from .errors import StreamPruneError
 from .layer_pruning import LayerRuntime, build_layer
 from .memory import peak_rss_mb, return_freed_memory_promptly
+from .options import option_problem
 
 
 @dataclass
@@ -46,8 +47,9 @@ class EvalResult:
 
 def text_windows(text: str, tokenizer, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """(windows, seqlen) ids: the tokenized text cut into consecutive non-overlapping windows."""
-    if seqlen < 2:
-        raise StreamPruneError(f"--seqlen must be at least 2, got {seqlen}")
+    problem = option_problem("seqlen", seqlen)
+    if problem:
+        raise StreamPruneError(problem)
     ids = tokenizer(text, return_attention_mask=False)["input_ids"]
     n = len(ids) // seqlen
     if max_windows is not None:

@@ -111,9 +111,9 @@ class PruneOptions:
     def validate(self) -> None:
         """Raise a one-line StreamPruneError naming the first option out of its allowed values."""
         for f in dataclasses.fields(self):
-            problem = check_value(f, getattr(self, f.name))
+            problem = option_problem(f.name, getattr(self, f.name))
             if problem:
-                raise StreamPruneError(f"{cli_flag(f)} {problem}")
+                raise StreamPruneError(problem)
 
     def result_options(self) -> dict:
         """The options that decide the output (what a finished or resumable run must match)."""
@@ -159,6 +159,17 @@ def check_value(f: dataclasses.Field, value: object) -> str | None:
     if too_low or too_high:
         return f"must be {describe_range(meta)}, got {value}"
     return None
+
+
+def option_problem(name: str, value: object) -> str | None:
+    """'--seqlen must be at least 2, got 1' when `value` is not allowed for option `name`, else None.
+
+    For code that takes one option outside `PruneOptions` (calibration, evaluation), so its range
+    is still written only here.
+    """
+    f = next(f for f in fields() if f.name == name)
+    problem = check_value(f, value)
+    return None if problem is None else f"{cli_flag(f)} {problem}"
 
 
 def describe_range(meta: OptionInfo) -> str:
