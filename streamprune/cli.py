@@ -122,7 +122,8 @@ def apply_paper_preset(options: dict) -> dict:
 @click.option("--restart", is_flag=True, help="Discard an unfinished run of OUT_DIR instead of resuming it.")
 @click.option("--shared-cache", default=None, type=click.Path(file_okay=False, path_type=str),
               help="Folder where runs of the same model and calibration settings share the tokenized "
-                   "calibration set and the dense pass's layer scores (e.g. several ratios).")
+                   "calibration set and the dense pass's layer scores (e.g. several ratios); runs at the same "
+                   "time take turns, so each is computed once.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON on stdout.")
 @friendly_errors

@@ -132,12 +132,6 @@ def _read_finished(job: Job) -> tuple[dict | None, list[str]]:
         return None, []
 
 
-def finished_report(job: Job) -> dict | None:
-    """The report in OUT_DIR if it is this job's finished result (same input and options), else None."""
-    report, diffs = _read_finished(job)
-    return report if report is not None and not diffs else None
-
-
 def result(job: Job, status: str, **extra) -> dict:
     """The job's line of the summary; `shared_group` is the engine's shared-cache key (None when unknown)."""
     base = {"job": job.number, "model_dir": job.model_dir, "out_dir": job.out_dir, "ratio": job.options["ratio"],
