@@ -80,6 +80,27 @@ def run_options(func: Callable) -> Callable:
     return func
 
 
+def stop_with_parent() -> None:
+    """When STREAMPRUNE_STOP_WITH_PARENT holds this process's parent id (`streamprune batch` sets it for its
+    jobs), stop at the next layer boundary, as on Ctrl-C, once the parent is gone (kill -9, OOM, a closed
+    terminal) rather than run on unwatched; a rerun of the batch resumes the job."""
+    import os
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+    if os.environ.get("STREAMPRUNE_STOP_WITH_PARENT") != str(parent):  # unset, or inherited from further up
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, daemon=True, name="streamprune-parent-watch").start()
+
+
 def apply_paper_preset(options: dict) -> dict:
     """Replace the method defaults by the paper's when --paper was given, keeping explicit options."""
     from .options import PAPER_METHOD
@@ -101,7 +122,8 @@ def apply_paper_preset(options: dict) -> dict:
 @click.option("--restart", is_flag=True, help="Discard an unfinished run of OUT_DIR instead of resuming it.")
 @click.option("--shared-cache", default=None, type=click.Path(file_okay=False, path_type=str),
               help="Folder where runs of the same model and calibration settings share the tokenized "
-                   "calibration set and the dense pass's layer scores (e.g. several ratios).")
+                   "calibration set and the dense pass's layer scores (e.g. several ratios); runs at the same "
+                   "time take turns, so each is computed once.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON on stdout.")
 @friendly_errors
@@ -118,6 +140,7 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cac
     from .options import PruneOptions
 
     options = apply_paper_preset(options)
+    stop_with_parent()
     result = StreamingPruner(model_dir, out_dir, PruneOptions(**options), overwrite=overwrite, restart=restart,
                              quiet=quiet, shared_cache=shared_cache).run()
     r = result.report

@@ -12,8 +12,6 @@ completed layer and OUT_DIR appears (by rename) only once every shard is written
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from . import shared_cache
 from .allocation import Allocation, head_units, solve_allocation
 from .architecture import EMBEDDING, LAYER_PREFIX, ModelShape, read_shape
 from .checkpoint import (
@@ -123,18 +122,12 @@ class StreamingPruner:
     # -- work shared between runs of one model (batch jobs at several ratios) --------------------
 
     def _shared_key(self) -> str:
-        """Identity of everything the calibration ids and the dense pass depend on (not the ratio)."""
-        o = self.options
-        key = {"model": model_fingerprint(self.reader), "calib": o.calib, "nsamples": o.nsamples,
-               "seqlen": o.seqlen, "seed": o.seed, "device": self.device.type, "dtype": str(self.dtype)}
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return shared_cache.entry_key(model_fingerprint(self.reader), self.options, self.device.type, str(self.dtype))
 
     def _shared_path(self, kind: str) -> Path | None:
         if self.shared_cache is None:
             return None
-        self.shared_cache.mkdir(parents=True, exist_ok=True)
-        suffix = "safetensors" if kind == "calibration" else "json"
-        return self.shared_cache / f"{kind}-{self._shared_key()}.{suffix}"
+        return shared_cache.entry_path(self.shared_cache, kind, self._shared_key())
 
     def _reuse_dense_scores(self, state: RunState) -> None:
         path = self._shared_path("dense-scores")
@@ -154,13 +147,14 @@ class StreamingPruner:
         if path.is_file():
             return load_file(str(path))["input_ids"]
         shared = self._shared_path("calibration")
-        if shared is not None and shared.is_file():
-            copy_atomically(shared, path)
-            return load_file(str(path))["input_ids"]
-        ids = self._make_calibration_ids()
-        save_file({"input_ids": ids.contiguous()}, str(path))
-        if shared is not None:
-            copy_atomically(path, shared)
+        with shared_cache.locked(shared):  # concurrent runs of the same entry: one computes, the others copy
+            if shared is not None and shared.is_file():
+                copy_atomically(shared, path)
+                return load_file(str(path))["input_ids"]
+            ids = self._make_calibration_ids()
+            save_file({"input_ids": ids.contiguous()}, str(path))
+            if shared is not None:
+                copy_atomically(path, shared)
         return ids
 
     def _make_calibration_ids(self) -> torch.Tensor:
@@ -359,9 +353,10 @@ class StreamingPruner:
             o = self.options
             need_scores = not o.uniform and o.ratio > 0
             if need_scores:
-                self._reuse_dense_scores(state)
-                scores = self._pass1_scores(state, ids)
-                self._share_dense_scores(scores)
+                with shared_cache.locked(self._shared_path("dense-scores")):  # one dense pass per entry
+                    self._reuse_dense_scores(state)
+                    scores = self._pass1_scores(state, ids)
+                    self._share_dense_scores(scores)
             else:
                 scores = None
             if state.allocation is None:
@@ -395,6 +390,7 @@ class StreamingPruner:
             "params_after": after,
             "achieved_ratio": 1 - after / self.reader.parameter_count(),
             "dense_scores_reused": state.dense_scores_reused,
+            "shared_cache_key": None if self.shared_cache is None else self._shared_key(),
             "layers": state.layer_reports,
             "timings_seconds": {"total_this_process": seconds, **dict(self.timer.seconds)},
             "peak_rss_mb": peak_rss_mb(),

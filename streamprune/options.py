@@ -2,7 +2,7 @@
 
 `PruneOptions` is the schema: each field carries its default, its help text, its command-line spelling,
 its allowed values and whether it changes results or only speed. From it come `streamprune run`'s flags
-(`cli.run_options`), the batch manifest's columns, types and checks (`batch.py`), the Python API
+(`cli.run_options`), the batch manifest's columns, types and checks (`batch/manifest.py`), the Python API
 (`streamprune.prune(..., **options)`) and the run fingerprint that decides whether a run can resume.
 Nothing else holds a default or a range for these options.
 """

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from streamprune import cli
 from streamprune.batch import BatchSettings, load_manifest, run_batch
 from streamprune.cli import main
 
@@ -78,6 +81,12 @@ def test_yaml_manifest_reads_like_csv(tmp_path):
         ("jobs.yaml", "- {model_dir: m, out_dir: o, ratio: 0.2, seqlens: 4}\n", "unknown column 'seqlens'"),
         ("jobs.yaml", "model_dir: m\n", "jobs.yaml must be a list of mappings"),
         ("jobs.txt", "whatever\n", "use a .csv, .yaml/.yml or .json file"),
+        ("jobs.csv", "model_dir,out_dir,ratio\nm,o,0.2,extra\n", "jobs.csv line 2 has more cells than the header"),
+        ("jobs.csv", "model_dir,out_dir,ratio\n" + "".join(f"m,o{i},{i}\n" for i in range(2, 9)),
+         "job 5 (line 6): ratio must be at least 0 and below 1, got 6.0; and 2 more"),
+        ("jobs.json", '[{"model_dir": "m",', "jobs.json is not valid JSON"),
+        ("jobs.yaml", "- {model_dir: m\n", "jobs.yaml is not valid YAML"),
+        ("jobs.yaml", "[]\n", "manifest jobs.yaml lists no jobs"),
     ],
 )
 def test_bad_manifests_fail_before_running_with_one_line(tmp_path, name, text, message):
@@ -88,6 +97,26 @@ def test_bad_manifests_fail_before_running_with_one_line(tmp_path, name, text, m
     assert result.output.startswith("error: ") and result.output.count("\n") == 1
     assert "Traceback" not in result.output
     assert not any(tmp_path.glob("*.log")) and not (tmp_path / ".streamprune-cache").exists()
+
+
+def test_each_job_is_the_public_run_command_with_the_rows_options(tmp_path):
+    """The job's argv is `python -m streamprune run ...`, and `run` parses it back to the row's options."""
+    from streamprune.batch.jobs import prepare_jobs, run_command
+    from streamprune.options import PruneOptions
+
+    manifest = tmp_path / "jobs.yaml"
+    manifest.write_text("- {model_dir: m, out_dir: out/a, ratio: 0.35, no-greedy: true, uniform: yes, layers: 3,\n"
+                        "   gqa-mode: groups, alpha: 7.5, damping: 1e-5, prefetch: false, feature_space: true}\n")
+    [job] = prepare_jobs(load_manifest(manifest), manifest, BatchSettings(overwrite=True))
+    argv = run_command(job)
+    assert argv[:6] == [sys.executable, "-m", "streamprune", "run", str(tmp_path / "m"), str(tmp_path / "out" / "a")]
+    assert argv[-5:] == ["--shared-cache", str(tmp_path / ".streamprune-cache"), "--overwrite", "--quiet", "--json"]
+    params = cli.run.make_context("run", argv[4:]).params
+    names = [f.name for f in dataclasses.fields(PruneOptions)]
+    assert PruneOptions(**{n: params[n] for n in names}) == PruneOptions(**job.options)
+    assert PruneOptions(**job.options) != PruneOptions(ratio=0.35)  # the row did change options
+    assert params["shared_cache"] == job.shared_cache and params["as_json"] and params["quiet"]
+    assert params["overwrite"] and not params["restart"]
 
 
 def test_ray_executor_without_ray_says_how_to_install(tmp_path, monkeypatch):
@@ -142,7 +171,7 @@ def test_every_job_has_a_log_next_to_its_output(three_ratios_and_a_failure):
     root, _, _ = three_ratios_and_a_failure
     for name in ("r20", "r35", "r50", "bad"):
         log = (root / "out" / f"{name}.log").read_text()
-        assert log.startswith("=== ") and "streamprune.batch _job" in log
+        assert log.startswith("=== ") and " -m streamprune run " in log and log.splitlines()[0].endswith(" --json")
     assert "error: model folder" in (root / "out" / "bad.log").read_text()
     assert '"params_after"' in (root / "out" / "r35.log").read_text()  # the job's report, as JSON
 
@@ -225,7 +254,8 @@ def test_ray_executor_runs_jobs_as_tasks_on_a_local_instance(models, calib_file,
         ray.shutdown()
     assert summary["exit_code"] == 0, summary
     assert [j["status"] for j in summary["jobs"]] == ["ok", "ok"]
-    assert [j["dense_scores_reused"] for j in summary["jobs"]] == [False, True]  # the group ran its leader first
+    # Both tasks start at once; the cache entry's lock lets whichever comes first run the dense pass.
+    assert sorted(j["dense_scores_reused"] for j in summary["jobs"]) == [False, True]
     for name in ("r25", "r40"):
         assert (tmp_path / "out" / name / "config.json").is_file() and (tmp_path / "out" / f"{name}.log").is_file()
 

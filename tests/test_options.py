@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 from click.testing import CliRunner
 
-from streamprune import batch, cli, options
+from streamprune import cli, options
+from streamprune.batch import manifest
 from streamprune.errors import StreamPruneError
 from streamprune.options import PAPER_METHOD, PruneOptions, check_value, cli_flag
 
@@ -70,8 +71,8 @@ def test_paper_preset_names_real_fields():
 
 
 def test_manifest_accepts_field_names_dashed_names_and_cli_flags():
-    assert batch.ALIASES["layers"] == ("num_pruned_layers", False)
-    assert batch.ALIASES["num_pruned_layers"] == ("num_pruned_layers", False)
-    assert batch.ALIASES["no-greedy"] == ("greedy", True)
-    assert batch.ALIASES["attention-scale"] == ("attention_scale", False)
-    assert batch.OPTION_TYPES["alpha"] is float and batch.OPTION_TYPES["prefetch"] is bool
+    assert manifest.ALIASES["layers"] == ("num_pruned_layers", False)
+    assert manifest.ALIASES["num_pruned_layers"] == ("num_pruned_layers", False)
+    assert manifest.ALIASES["no-greedy"] == ("greedy", True)
+    assert manifest.ALIASES["attention-scale"] == ("attention_scale", False)
+    assert manifest.OPTION_TYPES["alpha"] is float and manifest.OPTION_TYPES["prefetch"] is bool
