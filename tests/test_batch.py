@@ -155,6 +155,7 @@ def three_ratios_and_a_failure(models, calib_file, tmp_path_factory):
     return root, manifest, result
 
 
+@pytest.mark.slow
 def test_a_failing_job_is_reported_and_the_others_finish(three_ratios_and_a_failure):
     root, _, result = three_ratios_and_a_failure
     assert result.exit_code == 1, result.output
@@ -167,6 +168,7 @@ def test_a_failing_job_is_reported_and_the_others_finish(three_ratios_and_a_fail
     assert "3 ok, 1 failed" in result.stdout
 
 
+@pytest.mark.slow
 def test_every_job_has_a_log_next_to_its_output(three_ratios_and_a_failure):
     root, _, _ = three_ratios_and_a_failure
     for name in ("r20", "r35", "r50", "bad"):
@@ -176,6 +178,7 @@ def test_every_job_has_a_log_next_to_its_output(three_ratios_and_a_failure):
     assert '"params_after"' in (root / "out" / "r35.log").read_text()  # the job's report, as JSON
 
 
+@pytest.mark.slow
 def test_summary_json_lists_every_job(three_ratios_and_a_failure):
     root, manifest, _ = three_ratios_and_a_failure
     summary = json.loads((root / "summary.json").read_text())
@@ -193,6 +196,7 @@ def test_summary_json_lists_every_job(three_ratios_and_a_failure):
     assert jobs[3]["status"] == "failed" and "does not exist" in jobs[3]["error"]
 
 
+@pytest.mark.slow
 def test_ratios_of_one_model_share_the_dense_pass(three_ratios_and_a_failure):
     root, _, result = three_ratios_and_a_failure
     reports = [json.loads((root / "out" / n / "streamprune_report.json").read_text()) for n in ("r20", "r35", "r50")]
@@ -204,6 +208,7 @@ def test_ratios_of_one_model_share_the_dense_pass(three_ratios_and_a_failure):
     assert len(list((root / ".streamprune-cache").glob("dense-scores-*.json"))) == 1
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_jobs(three_ratios_and_a_failure):
     root, manifest, _ = three_ratios_and_a_failure
     fixed = root / "fixed.csv"
@@ -215,6 +220,7 @@ def test_rerun_skips_finished_jobs(three_ratios_and_a_failure):
     assert (root / "out" / "r20.log").read_text() == before  # no process was started
 
 
+@pytest.mark.slow
 def test_changed_options_are_not_skipped(three_ratios_and_a_failure):
     root, _, _ = three_ratios_and_a_failure
     manifest = _csv(root / "changed.csv", "model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype",
@@ -224,6 +230,7 @@ def test_changed_options_are_not_skipped(three_ratios_and_a_failure):
     assert "holds a finished run with other settings (nsamples 4 -> 5); pass --overwrite" in result.stdout
 
 
+@pytest.mark.slow
 def test_killed_job_is_reported_and_resumes_on_rerun(models, calib_file, tmp_path, monkeypatch):
     """A YAML batch whose job is SIGKILLed mid-way (as by the OOM killer), then run again."""
     manifest = tmp_path / "jobs.yaml"
@@ -243,6 +250,7 @@ def test_killed_job_is_reported_and_resumes_on_rerun(models, calib_file, tmp_pat
     assert (tmp_path / "out" / "r30.log").read_text().count("=== ") == 2  # both attempts in one log
 
 
+@pytest.mark.slow
 def test_ray_executor_runs_jobs_as_tasks_on_a_local_instance(models, calib_file, tmp_path):
     ray = pytest.importorskip("ray")
     manifest = _csv(tmp_path / "jobs.csv", "model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype",
@@ -260,6 +268,7 @@ def test_ray_executor_runs_jobs_as_tasks_on_a_local_instance(models, calib_file,
         assert (tmp_path / "out" / name / "config.json").is_file() and (tmp_path / "out" / f"{name}.log").is_file()
 
 
+@pytest.mark.slow
 def test_an_interrupted_job_stops_the_batch_resumably(models, calib_file, tmp_path, monkeypatch):
     rows = [f"{models('llama-mha')},out/r{r},0.{r},{calib_file},4,16,float32" for r in (20, 40)]
     manifest = _csv(tmp_path / "jobs.csv", "model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype", *rows)

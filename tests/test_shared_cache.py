@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from streamprune import shared_cache
 from streamprune.checkpoint import CheckpointReader
 from streamprune.engine import model_fingerprint, prune
@@ -113,6 +115,7 @@ def _wait_for(paths: list[Path], procs: list[subprocess.Popen], timeout: float =
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_two_runs_racing_on_one_cache_run_the_dense_pass_once(models, calib_file, tmp_path):
     """Both runs start together; the test holds the dense-scores entry first so that both reach it while
     it is taken. Without the engine's lock both would run the dense pass (neither finds the entry)."""
