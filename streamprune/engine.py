@@ -75,12 +75,15 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto` (the CLI default): the first CUDA GPU when one is available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise StreamPruneError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+        raise StreamPruneError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise StreamPruneError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+        raise StreamPruneError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise StreamPruneError(f"--device {name} asked for CUDA, but no CUDA GPU is available; use --device cpu")
@@ -328,7 +331,7 @@ class StreamingPruner:
         try:
             if o.calib == "self":
                 ids = generate_self_calibration(self.model_dir, tokenizer, o.nsamples, o.seqlen, o.seed,
-                                                device=str(self.device))
+                                                device=str(self.device), quiet=self.quiet)
             else:
                 ids = load_calibration(o.calib, tokenizer, o.nsamples, o.seqlen, o.seed)
         except CalibrationError as exc:
@@ -578,12 +581,14 @@ class StreamingPruner:
         non_layer = non_layer_tensor_names(self.shape)
         writer = ShardWriter(self.staging, L + len(non_layer))
         with self.stop, torch.inference_mode(False), torch.no_grad():
-            ids = self._calibration_ids()
+            with self.timer.phase("calibration"):  # wall time of each step, for the report (and the demo)
+                ids = self._calibration_ids()
             o = self.options
             need_scores = not o.uniform and o.ratio > 0
             if need_scores:
                 self._reuse_dense_scores(state)
-                scores = self._pass1_scores(state, ids)
+                with self.timer.phase("pass1"):
+                    scores = self._pass1_scores(state, ids)
                 self._share_dense_scores(scores)
             else:
                 scores = None
@@ -596,7 +601,8 @@ class StreamingPruner:
                 state.data["hidden_file"] = None  # pass 2 starts from the embeddings again
                 state.save()
             allocation = _allocation_from_state(state.data["allocation"])
-            self._pass2_prune(state, ids, allocation, writer)
+            with self.timer.phase("pass2"):
+                self._pass2_prune(state, ids, allocation, writer)
             self._copy_non_layer(writer)
         report = self._report(state, allocation, time.perf_counter() - started)
         self._finalize(state, writer, report)

@@ -109,7 +109,7 @@ def _log_probs(hidden: torch.Tensor, head, eps: float) -> torch.Tensor:
 
 @torch.no_grad()
 def final_hidden_states(model_dir: str | Path, windows: torch.Tensor, *, device: str = "cpu", dtype: str = "auto",
-                        batch_size: int = 8, quiet: bool = True) -> torch.Tensor:
+                        batch_size: int = 8, quiet: bool = True, desc: str = "eval") -> torch.Tensor:
     """The last decoder layer's output on `windows` (before the final norm), streamed layer by layer.
 
     Benchmarks that compare many pruned models with one reference compute this once and pass it to
@@ -119,19 +119,21 @@ def final_hidden_states(model_dir: str | Path, windows: torch.Tensor, *, device:
     model = StreamedModel(model_dir)
     runtime = _runtime(model.config, dev, resolve_dtype(dtype, dev), windows.shape[1], batch_size)
     hidden = model.embed(windows)
-    for i in tqdm(range(model.num_layers), desc="eval", unit="layer", disable=quiet):
+    for i in tqdm(range(model.num_layers), desc=desc, unit="layer", disable=quiet):
         _advance(model.layer(i, runtime), hidden, runtime)
     return hidden
 
 
 @torch.no_grad()
 def evaluate(model_dir: str | Path, windows: torch.Tensor, *, reference_dir: str | Path | None = None,
-             reference_hidden: torch.Tensor | None = None, device: str = "cpu", dtype: str = "auto",
-             batch_size: int = 8, quiet: bool = True) -> EvalResult:
+             reference_hidden: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+             device: str = "cpu", dtype: str = "auto", batch_size: int = 8, quiet: bool = True,
+             desc: str = "eval") -> EvalResult:
     """Layer-streamed perplexity of `model_dir` on `windows`, plus KL / agreement against a reference.
 
     `reference_hidden` (from `final_hidden_states` of `reference_dir` on the same windows) skips the
-    reference's decoder layers; only its final norm and lm_head are read.
+    reference's decoder layers; only its final norm and lm_head are read. `hidden` does the same for
+    `model_dir` itself (the demo scores the dense model from the states it keeps as the reference).
     """
     start = time.perf_counter()
     return_freed_memory_promptly()
@@ -140,12 +142,12 @@ def evaluate(model_dir: str | Path, windows: torch.Tensor, *, reference_dir: str
     models = [StreamedModel(model_dir)] + ([StreamedModel(reference_dir)] if reference_dir else [])
     seqlen = windows.shape[1]
     runtimes = [_runtime(m.config, dev, cdtype, seqlen, batch_size) for m in models]
-    hiddens = [m.embed(windows) if i == 0 or reference_hidden is None else reference_hidden
-               for i, m in enumerate(models)]
-    streamed = models if reference_hidden is None else models[:1]
-    depth = max(m.num_layers for m in streamed)
-    for i in tqdm(range(depth), desc="eval", unit="layer", disable=quiet):
-        for m, rt, h in zip(streamed, runtimes, hiddens, strict=False):
+    given = [hidden, reference_hidden][: len(models)]
+    hiddens = [m.embed(windows) if h is None else h for m, h in zip(models, given, strict=True)]
+    streamed = [(m, rt, h) for m, rt, h, g in zip(models, runtimes, hiddens, given, strict=True) if g is None]
+    depth = max((m.num_layers for m, _, _ in streamed), default=0)
+    for i in tqdm(range(depth), desc=desc, unit="layer", disable=quiet or not streamed):
+        for m, rt, h in streamed:
             if i < m.num_layers:
                 layer = m.layer(i, rt)
                 _advance(layer, h, rt)
