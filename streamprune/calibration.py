@@ -361,8 +361,11 @@ def generate_self_calibration(model_dir, tokenizer, nsamples: int, seqlen: int, 
 def _load_model(model_dir, device: str):
     from transformers import AutoModelForCausalLM
 
+    from .engine import resolve_device
+
+    device = resolve_device(device)
     # float32 on CPU (half-precision matmuls there are slow); the checkpoint's own dtype elsewhere.
-    dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
+    dtype = torch.float32 if device.type == "cpu" else "auto"
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     except (OSError, ValueError) as exc:

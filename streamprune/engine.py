@@ -48,6 +48,7 @@ from .checkpoint import (
 )
 from .errors import StreamPruneError
 from .faults import fault_point
+from .hub import resolve_model_dir
 from .layer_pruning import (
     DenseTargets,
     LayerRuntime,
@@ -241,7 +242,7 @@ class StreamingPruner:
                  overwrite: bool = False, restart: bool = False, quiet: bool = False,
                  shared_cache: str | Path | None = None):
         options.validate()
-        self.model_dir, self.out_dir = Path(model_dir), Path(out_dir)
+        self.model_dir, self.out_dir = resolve_model_dir(model_dir), Path(out_dir)
         self.options, self.overwrite, self.restart, self.quiet = options, overwrite, restart, quiet
         self.shared_cache = None if shared_cache is None else Path(shared_cache)
         self.device = resolve_device(options.device)

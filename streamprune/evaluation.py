@@ -12,6 +12,7 @@ scored independently; perplexity = exp(mean next-token NLL over all predicted po
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ class EvalResult:
     seqlen: int
     kl_from_reference: float | None = None
     top1_agreement: float | None = None
+    reference_perplexity: float | None = None  # the reference's own perplexity on the same windows
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -154,7 +156,7 @@ def evaluate(model_dir: str | Path, windows: torch.Tensor, *, reference_dir: str
                 del layer
     heads = [m.head(rt) for m, rt in zip(models, runtimes, strict=True)]
     eps = [m.config.rms_norm_eps for m in models]
-    nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
+    nll_sum, ref_nll_sum, kl_sum, agree, count = 0.0, 0.0, 0.0, 0, 0
     for sl in runtimes[0].batches(windows.shape[0]):
         targets = windows[sl, 1:].to(dev)
         logp = _log_probs(hiddens[0][sl], heads[0], eps[0])[:, :-1]
@@ -162,15 +164,17 @@ def evaluate(model_dir: str | Path, windows: torch.Tensor, *, reference_dir: str
         count += targets.numel()
         if reference_dir:
             ref = _log_probs(hiddens[1][sl], heads[1], eps[1])[:, :-1]
+            ref_nll_sum += float(-ref.gather(-1, targets[..., None]).double().sum())
             kl_sum += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
             agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
     nll = nll_sum / count
     result = EvalResult(
-        perplexity=float(torch.exp(torch.tensor(nll, dtype=torch.float64))), nll=nll, tokens=count,
+        perplexity=math.exp(nll), nll=nll, tokens=count,
         windows=windows.shape[0], seqlen=seqlen, seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
     )
     if reference_dir:
         result.kl_from_reference, result.top1_agreement = kl_sum / count, agree / count
+        result.reference_perplexity = math.exp(ref_nll_sum / count)
     return result
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .engine import read_report
-from .errors import StreamPruneError
+from .extras import require
 
 
 def report_table(report: dict) -> str:
@@ -38,13 +38,7 @@ def _left(fit: dict | None) -> str:
 
 def report_figure(report: dict, path: Path) -> Path:
     """Four panels: cosine score and ratio, heads kept, channels kept, parameters before/after."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise StreamPruneError("the figure needs matplotlib: pip install 'streamprune[demo]'") from None
+    plt = pyplot()
     layers = report["layers"]
     idx = [layer["layer"] for layer in layers]
     fig, axes = plt.subplots(2, 2, figsize=(12, 7), constrained_layout=True)
@@ -71,6 +65,15 @@ def report_figure(report: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files only (no display needed), or a one-line error naming the extra."""
+    matplotlib = require("matplotlib", "the figure")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _bars(ax, idx, layers, kept: str, total: str, title: str) -> None:
