@@ -2,11 +2,12 @@
 
 Behaviour (what SlimLLM / LLM-Pruner do, made explicit):
 
-* Sources: ``builtin`` (varied public-domain English prose shipped with streamprune, about 35k
-  tokens; see ``streamprune/data/README.md``), a local ``.txt`` (the whole file is one document: paragraph breaks stay newlines, no EOS is
-  inserted inside it), ``.jsonl`` / ``.json`` (field ``text``, or the only string field; a JSON list of
-  strings works too), ``.parquet`` (column ``text`` or the only string column), or a ``datasets`` spec
-  ``name[:config][:split]`` (default split ``train``; slices such as ``train[:2000]`` are passed through).
+* Sources: ``builtin`` (varied public-domain English prose shipped with streamprune, about 33k
+  tokens; see ``streamprune/data/README.md``), a local ``.txt`` (the whole file is one document:
+  paragraph breaks stay newlines, no EOS is inserted inside it), ``.jsonl`` / ``.json`` (field
+  ``text``, or the only string field; a JSON list of strings works too), ``.parquet`` (column ``text``
+  or the only string column), or a ``datasets`` spec ``name[:config][:split]`` (default split
+  ``train``; slices such as ``train[:2000]`` are passed through).
   ``wikitext`` rows are lines of running articles, not documents, so they are joined into one stream.
 * Documents are tokenized without special tokens and concatenated with the tokenizer's EOS *between*
   them (none when the tokenizer has no EOS). No BOS appears inside the stream.

@@ -51,7 +51,8 @@ def text_windows(text: str, tokenizer, seqlen: int, max_windows: int | None = No
     """(windows, seqlen) ids: the tokenized text cut into consecutive non-overlapping windows."""
     if seqlen < 2:
         raise StreamPruneError(f"--seqlen must be at least 2, got {seqlen}")
-    ids = tokenizer(text, return_attention_mask=False)["input_ids"]
+    # verbose=False: the whole text is longer than the context on purpose; windows are cut below.
+    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
     n = len(ids) // seqlen
     if max_windows is not None:
         n = min(n, max_windows)
