@@ -22,6 +22,7 @@ Behaviour (what SlimLLM / LLM-Pruner do, made explicit):
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -396,11 +397,13 @@ def _first_tokens(tokenizer, nsamples: int, vocab: int, banned: torch.Tensor,
 def _sample_batch(model, first: torch.Tensor, seqlen: int, vocab: int, banned: torch.Tensor,
                   temperature: float, generator: torch.Generator, on_step=lambda n: None) -> torch.Tensor:
     device = next(model.parameters()).device
+    # transformers renamed the KV cache argument and output (past_key_values -> cache) within 5.x.
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     tokens = [first]
     step, past = first[:, None], None
     for _ in range(seqlen - 1):
-        res = model(input_ids=step.to(device), past_key_values=past, use_cache=True)
-        past = res.past_key_values
+        res = model(input_ids=step.to(device), use_cache=True, **{key: past})
+        past = getattr(res, key)
         logits = res.logits[:, -1, :vocab].float().cpu() / temperature
         logits[:, banned] = float("-inf")
         step = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
