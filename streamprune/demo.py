@@ -92,10 +92,13 @@ def run_demo(model_dir: str | Path | None = None, cache_dir: Path | None = None,
         clock.seconds["start-up"] = max(0.0, time.time() - command_started)
     require_all(["matplotlib"], "streamprune demo (its figure)")  # fail now, not after minutes of work
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    name = str(model_dir) if model_dir else f"SmolLM2-135M-Instruct (cache {cache_dir})"
+    given = model_dir
+    name = str(given) if given else f"SmolLM2-135M-Instruct (cache {cache_dir})"
     with clock.step("model", f"model: {name}"):
-        model_dir = resolve_model_dir(model_dir) if model_dir else demo_model_dir(cache_dir, echo=echo)
-    out_dir = cache_dir / "demo" / f"{Path(model_dir).name}-pruned-{round(ratio * 100)}"
+        model_dir = resolve_model_dir(given) if given else demo_model_dir(cache_dir, echo=echo)
+    # Named after what the user gave: a Hub id resolves to a snapshot folder named after a commit hash.
+    short = Path(str(given)).name if given else Path(model_dir).name
+    out_dir = cache_dir / "demo" / f"{short}-pruned-{round(ratio * 100)}"
     report = _prune(model_dir, out_dir, ratio, calib, nsamples, seqlen, seed, device, quiet, clock)
     windows = _eval_windows(model_dir, eval_text, eval_windows, eval_seqlen)
     with clock.step("evaluation", f"evaluation: dense and pruned side by side on {windows.numel():,} tokens of "

@@ -113,7 +113,7 @@ def test_demo_without_the_demo_extra_names_it(models, tmp_path, monkeypatch):
 def test_demo_accepts_a_hub_repo_id(hub_cache, tmp_path):
     result = _demo(hub_cache.repo_id, tmp_path, "--quiet")
     assert result.exit_code == 0, result.output
-    assert f"pruned model: {tmp_path / 'demo' / hub_cache.snapshot.name}-pruned-20" in result.output
+    assert f"pruned model: {tmp_path / 'demo' / 'tiny-llama-pruned-20'}" in result.output
 
 
 # --------------------------------------------------------------------------------------- shipped data
