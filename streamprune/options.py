@@ -48,13 +48,15 @@ class PruneOptions:
     calib: str = _option(
         DEFAULT_CALIB,
         help="Calibration text: a .txt/.jsonl/.json/.parquet file, a datasets spec 'name[:config][:split]' "
-             "(needs the Hub), or 'self' to sample text from the model itself (loads the whole model; for "
-             "models that fit in memory).")
+             "(needs the Hub), 'builtin' (about 33k tokens of public-domain English prose shipped with "
+             "streamprune), or 'self' to sample text from the model itself (loads the whole model; for models "
+             "that fit in memory).")
     nsamples: int = _option(128, low=1,
                             help="Calibration sequences (the least-squares refit needs more tokens than channels).")
     seqlen: int = _option(128, low=2, help="Tokens per calibration sequence.")
     seed: int = _option(0, help="Seed for calibration sampling.")
-    device: str = _option("cpu", help="cpu, cuda or cuda:N.")
+    device: str = _option("auto", help="auto (the first CUDA GPU when one is present, else the CPU), cpu, cuda or "
+                                       "cuda:N.")
     dtype: str = _option("auto", help="Compute dtype: auto (float16 on CUDA, float32 on CPU), float32, float16, "
                                       "bfloat16. Statistics are always accumulated in float64.")
     alpha: float | None = _option(None, help="Softmax temperature of the layer ratios [default: 10 below 35 %, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import StreamPruneError
+from .extras import require
 from .output import read_report
 
 
@@ -38,13 +38,7 @@ def _left(fit: dict | None) -> str:
 
 def report_figure(report: dict, path: Path) -> Path:
     """Four panels: cosine score and ratio, heads kept, channels kept, parameters before/after."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise StreamPruneError("the figure needs matplotlib: pip install 'streamprune[demo]'") from None
+    plt = pyplot()
     layers = report["layers"]
     idx = [layer["layer"] for layer in layers]
     fig, axes = plt.subplots(2, 2, figsize=(12, 7), constrained_layout=True)
@@ -73,6 +67,15 @@ def report_figure(report: dict, path: Path) -> Path:
     return path
 
 
+def pyplot():
+    """matplotlib's pyplot drawing to files only (no display needed), or a one-line error naming the extra."""
+    matplotlib = require("matplotlib", "the figure")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _bars(ax, idx, layers, kept: str, total: str, title: str) -> None:
     ax.bar(idx, [layer[total] for layer in layers], color="lightgray", label="before")
     ax.bar(idx, [layer[kept] for layer in layers], color="tab:blue", label="kept")
@@ -84,3 +87,29 @@ def render_report(out_dir: str | Path, png: str | Path | None = None) -> tuple[s
     report = read_report(out_dir)
     path = Path(png) if png else Path(out_dir) / "streamprune_report.png"
     return report_table(report), report_figure(report, path)
+
+
+def demo_figure(report: dict, dense_ppl: float, pruned_ppl: float, path: Path) -> Path:
+    """Two panels: what each layer kept (heads, FFN channels, parameters) and dense vs pruned perplexity."""
+    plt = pyplot()
+    layers = report["layers"]
+    idx = [layer["layer"] for layer in layers]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]},
+                                 constrained_layout=True)
+    ax.plot(idx, [layer["heads_kept"] / layer["heads_total"] for layer in layers], "o-", label="attention heads")
+    ax.plot(idx, [layer["channels_kept"] / layer["channels_total"] for layer in layers], "s-", label="FFN channels")
+    ax.plot(idx, [layer["params_after"] / layer["params_before"] for layer in layers], "k--", label="parameters")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction kept")
+    ax.set_title("What each layer kept")
+    ax.legend(loc="lower right")
+    bars = bx.bar(["dense", "pruned"], [dense_ppl, pruned_ppl], color=["tab:gray", "tab:green"])
+    bx.bar_label(bars, fmt="%.1f")
+    bx.set_ylabel("perplexity (lower is better)")
+    bx.set_title("Held-out perplexity")
+    fig.suptitle(f"{Path(report['model_dir']).name}: {report['params_before'] / 1e6:.1f}M -> "
+                 f"{report['params_after'] / 1e6:.1f}M parameters ({report['achieved_ratio']:.1%} removed)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -64,3 +64,26 @@ def pruned(models, calib_file, tmp_path_factory):
         return cache[name, ratio]
 
     return get
+@pytest.fixture
+def hub_cache(models, tmp_path, monkeypatch):
+    """A Hugging Face Hub cache holding `tiny-org/tiny-llama` (the llama-gqa tiny model), laid out as
+    huggingface_hub lays it out (blobs, refs/main, snapshots/<commit> of links), with offline mode on."""
+    import hashlib
+    import shutil
+    from types import SimpleNamespace
+
+    cache = tmp_path / "hf-hub"
+    repo = cache / "models--tiny-org--tiny-llama"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for file in sorted(models("llama-gqa").iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return SimpleNamespace(repo_id="tiny-org/tiny-llama", cache=cache, snapshot=snapshot)

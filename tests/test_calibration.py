@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from streamprune import calibration
 from streamprune.calibration import (
     CalibrationError,
     adds_bos,
@@ -350,3 +351,24 @@ def test_self_calibration_errors(tmp_path, tiny_llama, tok):
         generate_self_calibration(tiny_llama, tok, 0, 8, seed=0)
     with pytest.raises(CalibrationError, match="cannot load the model"):
         generate_self_calibration(tmp_path / "nope", tok, 2, 8, seed=0)
+
+
+def test_self_calibration_samples_every_sequence_at_once_with_a_progress_bar(tiny_llama, tok, monkeypatch, capsys):
+    """One batch by default: seqlen - 1 decoding steps in all, each for every sample (the KV cache holds the rest)."""
+    batches: list[int] = []
+    load = calibration._load_model
+
+    def counting_model(model_dir, device):
+        model = load(model_dir, device)
+        model.register_forward_pre_hook(lambda module, args, kwargs: batches.append(kwargs["input_ids"].shape),
+                                        with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(calibration, "_load_model", counting_model)
+    ids = generate_self_calibration(tiny_llama, tok, nsamples=6, seqlen=9, seed=0, quiet=False)
+    assert ids.shape == (6, 9)
+    assert batches == [torch.Size([6, 1])] * 8
+    assert "calibration (sampling from the model)" in capsys.readouterr().err
+    # Batching only changes the order of the random draws, never the kind of sample.
+    split = generate_self_calibration(tiny_llama, tok, nsamples=6, seqlen=9, seed=0, batch_size=2)
+    assert split.shape == ids.shape and (split[:, 0] == BOS_ID).all()

@@ -72,3 +72,11 @@ def test_eval_cli_json(models, tmp_path):
 def test_eval_cli_needs_a_text(models):
     result = CliRunner().invoke(main, ["eval", str(models("llama-gqa"))])
     assert result.exit_code == 2 and "pass exactly one of --text FILE or --dataset NAME" in result.output
+
+
+def test_reference_perplexity_is_the_references_own(models, windows, pruned):
+    out = pruned("llama-gqa", 0.3).out_dir
+    both = evaluate(out, windows, reference_dir=models("llama-gqa"))
+    assert both.reference_perplexity == pytest.approx(evaluate(models("llama-gqa"), windows).perplexity, rel=1e-6)
+    assert both.perplexity == pytest.approx(evaluate(out, windows).perplexity, rel=1e-6)
+    assert evaluate(out, windows).reference_perplexity is None

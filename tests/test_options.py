@@ -76,3 +76,19 @@ def test_manifest_accepts_field_names_dashed_names_and_cli_flags():
     assert manifest.ALIASES["no-greedy"] == ("greedy", True)
     assert manifest.ALIASES["attention-scale"] == ("attention_scale", False)
     assert manifest.OPTION_TYPES["alpha"] is float and manifest.OPTION_TYPES["prefetch"] is bool
+
+
+def test_device_defaults_to_auto_everywhere(monkeypatch):
+    import torch
+
+    from streamprune.devices import resolve_device
+
+    assert PruneOptions(ratio=0.2).device == "auto"
+    for command in ("run", "eval", "demo"):
+        params = {p.name: p for p in cli.main.commands[command].params}
+        assert params["device"].default == "auto", command
+        assert "[default: auto]" in " ".join(CliRunner().invoke(cli.main, [command, "--help"]).output.split())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda", 0)
