@@ -108,7 +108,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16
     if outtype not in OUTTYPES:
         raise StreamPruneError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     out_path = Path(out_path)
-    _check_destination(out_path, overwrite)
+    check_destination(out_path, overwrite)
     reader = CheckpointReader(model_dir)
     config, layers, rope = _model_plan(reader, outtype)
     from .gguf_vocab import read_vocab
@@ -146,7 +146,9 @@ def _import_gguf():
     return gguf
 
 
-def _check_destination(out_path: Path, overwrite: bool) -> None:
+def check_destination(out_path: str | Path, overwrite: bool) -> None:
+    """Refuse an output path that cannot or may not be written (checked before any work is done)."""
+    out_path = Path(out_path)
     if out_path.is_dir():
         raise StreamPruneError(f"{out_path} is a folder; give the path of the .gguf file to write")
     if out_path.exists() and not overwrite:
