@@ -5,7 +5,9 @@ or a YAML (or JSON) list of mappings with the same keys. Any other column is an 
 `streamprune run`, named like the PruneOptions field or like the command-line flag (`gqa_mode` or
 `gqa-mode`, `num_pruned_layers` or `layers`, `greedy: false` or `no-greedy: true`). An empty cell
 keeps the default; booleans are true/false, yes/no or 1/0; relative paths are relative to the
-manifest's folder. Example (`jobs.csv`)::
+manifest's folder. Two more columns, `gguf` and `gguf_outtype` (f32, f16 or q8_0), export the pruned
+model to that GGUF file for llama.cpp right after pruning, as `run --gguf` does (a rerun whose model is
+finished but whose GGUF file is missing only exports). Example (`jobs.csv`)::
 
     model_dir,out_dir,ratio,calib,nsamples,gqa-mode
     models/llama-7b,out/llama-7b-20,0.2,calib.txt,128,
@@ -65,6 +67,7 @@ from pathlib import Path
 from .calibration import FILE_SUFFIXES as CALIB_FILE_SUFFIXES
 from .engine import REPORT_NAME
 from .errors import StreamPruneError
+from .export_gguf import OUTTYPES as GGUF_OUTTYPES
 from .options import PruneOptions, cli_flag, plain_type
 from .options import fields as option_fields
 
@@ -87,6 +90,8 @@ class Job:
     shared_cache: str | None = None
     overwrite: bool = False
     restart: bool = False
+    gguf: str | None = None  # also export the pruned model to this GGUF file (`run --gguf`)
+    gguf_outtype: str = "f16"
 
     @property
     def log_path(self) -> str:
@@ -117,10 +122,16 @@ class BatchSettings:
 OPTION_TYPES = {f.name: plain_type(f) for f in option_fields()}
 
 
+# Not pruning options: the file `run --gguf` writes after pruning, and its weight type.
+GGUF_KEYS = ("gguf", "gguf_outtype")
+
+
 def _aliases() -> dict[str, tuple[str, bool]]:
     """Manifest key -> (field, negated): field names, dashed names and the CLI's own flags (layers, no-greedy)."""
     aliases = {"model_dir": ("model_dir", False), "model-dir": ("model_dir", False),
                "out_dir": ("out_dir", False), "out-dir": ("out_dir", False)}
+    for name in GGUF_KEYS:
+        aliases[name] = aliases[name.replace("_", "-")] = (name, False)
     for f in option_fields():
         for name in (f.name, f.name.replace("_", "-")):
             aliases[name] = (f.name, False)
@@ -133,7 +144,7 @@ def _aliases() -> dict[str, tuple[str, bool]]:
 
 
 ALIASES = _aliases()
-VALID_KEYS = ", ".join(["model_dir", "out_dir"] + [f.name for f in option_fields()])
+VALID_KEYS = ", ".join(["model_dir", "out_dir"] + [f.name for f in option_fields()] + list(GGUF_KEYS))
 
 
 class _RowError(ValueError):
@@ -200,8 +211,11 @@ def _parse_row(row: dict, keys: dict[str, tuple[str, bool]], number: int, base: 
         if raw is None or (isinstance(raw, str) and not raw.strip()):
             continue  # empty cell: the option's default
         name, negated = keys[key]
-        if name in ("model_dir", "out_dir"):
+        if name in ("model_dir", "out_dir", "gguf"):
             values[name] = _resolve(base, str(raw).strip())
+            continue
+        if name == "gguf_outtype":
+            values[name] = _gguf_outtype(raw)
             continue
         value = _convert(raw, OPTION_TYPES[name], str(key))
         values[name] = (not value) if negated else value
@@ -211,8 +225,16 @@ def _parse_row(row: dict, keys: dict[str, tuple[str, bool]], number: int, base: 
     if "calib" in values:
         values["calib"] = _calib_path(base, str(values["calib"]))
     model_dir, out_dir = str(values.pop("model_dir")), str(values.pop("out_dir"))
+    gguf = {k: values.pop(k) for k in GGUF_KEYS if k in values}
     _check_options(values)
-    return Job(number, model_dir, out_dir, values)
+    return Job(number, model_dir, out_dir, values, **gguf)
+
+
+def _gguf_outtype(raw: object) -> str:
+    value = str(raw).strip().lower()
+    if value not in GGUF_OUTTYPES:
+        raise _RowError(f"gguf_outtype must be one of {', '.join(GGUF_OUTTYPES)}, got {raw!r}")
+    return value
 
 
 def _check_options(values: dict) -> None:
@@ -307,10 +329,11 @@ def _check_distinct_outputs(jobs: list[Job], source: str) -> None:
     """Two jobs writing one folder would overwrite (or, on Ray, corrupt) each other's output."""
     first: dict[str, int] = {}
     for job in jobs:
-        if job.out_dir in first:
-            raise StreamPruneError(f"invalid manifest {source}: jobs {first[job.out_dir]} and {job.number} "
-                                   f"both write {job.out_dir}; give every job its own out_dir")
-        first[job.out_dir] = job.number
+        for path in filter(None, (job.out_dir, job.gguf)):
+            if path in first:
+                raise StreamPruneError(f"invalid manifest {source}: jobs {first[path]} and {job.number} "
+                                       f"both write {path}; give every job its own out_dir and gguf")
+            first[path] = job.number
 
 
 def prepare_jobs(jobs: list[Job], manifest: str | Path, settings: BatchSettings) -> list[Job]:
@@ -365,7 +388,8 @@ def _result(job: Job, status: str, **extra) -> dict:
     base = {"job": job.number, "model_dir": job.model_dir, "out_dir": job.out_dir, "ratio": job.options["ratio"],
             "options": job.options, "status": status, "params_before": None, "params_after": None,
             "achieved_ratio": None, "seconds": None, "peak_rss_mb": None, "log": job.log_path, "error": None,
-            "dense_scores_reused": None, "dense_pass_seconds": None, "shared_group": shared_group(job)}
+            "dense_scores_reused": None, "dense_pass_seconds": None, "shared_group": shared_group(job),
+            "gguf": job.gguf}
     return {**base, **extra}
 
 
@@ -391,9 +415,9 @@ def run_job(job: Job) -> dict:
     code path. All file access happens here, on the machine that runs the job.
     """
     done, diffs = _read_finished(job)
-    if done is not None and not diffs:
+    if done is not None and not diffs and (job.gguf is None or Path(job.gguf).is_file()):
         return _result(job, SKIPPED, **_from_report(done))
-    if done is not None and not job.overwrite:  # said here, and more precisely than the engine would
+    if done is not None and diffs and not job.overwrite:  # said here, and more precisely than the engine would
         return _result(job, FAILED, error=f"{job.out_dir} holds a finished run with other settings "
                                           f"({', '.join(diffs)}); pass --overwrite to replace it")
     started = time.perf_counter()
@@ -499,15 +523,26 @@ def _job_main(payload: str) -> int:
     job = Job(**json.loads(payload))
     _stop_when_orphaned()
     try:
-        result = prune(job.model_dir, job.out_dir, quiet=True, overwrite=job.overwrite, restart=job.restart,
-                       shared_cache=job.shared_cache, **job.options)
+        report = finished_report(job) if job.gguf else None  # pruned earlier; only the export is missing
+        if report is None:
+            if job.gguf:
+                from .export_gguf import check_destination
+
+                check_destination(job.gguf, job.overwrite)  # before the pruning, not after it
+            report = prune(job.model_dir, job.out_dir, quiet=True, overwrite=job.overwrite, restart=job.restart,
+                           shared_cache=job.shared_cache, **job.options).report
+        if job.gguf:
+            from .export_gguf import export_gguf
+
+            exported = export_gguf(job.out_dir, job.gguf, job.gguf_outtype, overwrite=job.overwrite)
+            print(f"exported {exported.tensors} tensors ({exported.outtype}) -> {exported.path}", file=sys.stderr)
     except StreamPruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED if "interrupted" in str(exc) else 2
     except KeyboardInterrupt:
         print("error: interrupted; run the batch again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(json.dumps(result.report, indent=2))
+    print(json.dumps(report, indent=2))
     return 0
 
 

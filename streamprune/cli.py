@@ -255,8 +255,8 @@ def batch_command(manifest: str, json_path: str | None, **settings) -> None:
     """Run the pruning jobs listed in MANIFEST, one after another or on Ray.
 
     MANIFEST is a CSV file with the header model_dir,out_dir,ratio and optionally more columns named
-    after `run` options (calib, nsamples, seqlen, gqa-mode, layers, no-greedy, ...), or a YAML/JSON
-    list of mappings with the same keys. Empty cells keep the default; booleans are true/false,
+    after `run` options (calib, nsamples, seqlen, gqa-mode, layers, no-greedy, gguf, gguf-outtype, ...),
+    or a YAML/JSON list of mappings with the same keys. Empty cells keep the default; booleans are true/false,
     yes/no or 1/0; relative paths are relative to MANIFEST's folder. Example jobs.csv:
 
     \b

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -131,11 +132,24 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16
         writer.close()
         os.replace(tmp, out_path)
     except OSError as exc:
-        raise StreamPruneError(f"writing {out_path} failed ({exc.strerror or exc}); nothing was written") from None
+        reason = _write_error(exc, out_path)
+        raise StreamPruneError(f"writing {out_path} failed ({reason}); nothing was written") from None
     finally:
         tmp.unlink(missing_ok=True)
     return ExportResult(path=out_path, bytes=out_path.stat().st_size, tensors=len(tensors),
                         seconds=time.perf_counter() - started, peak_rss_mb=peak_rss_mb(), outtype=outtype)
+
+
+def _write_error(exc: OSError, out_path: Path) -> str:
+    """The OS's reason; a short write has none (Python's buffered file reports the byte counts), so the
+    free space is added to show whether the disk is full."""
+    if exc.strerror:
+        return exc.strerror
+    try:
+        free = f"; {shutil.disk_usage(out_path.parent).free / 1e6:,.0f} MB free there"
+    except OSError:
+        free = ""
+    return f"{exc}{free}"
 
 
 def _import_gguf():
@@ -170,10 +184,14 @@ def _model_plan(reader: CheckpointReader, outtype: str) -> tuple:
     for i in range(shape.num_layers):
         spec = config.layer_spec(i)
         heads, kv, ffn = spec["num_attention_heads"], spec["num_key_value_heads"], spec["intermediate_size"]
+        if i == 0 and heads < 1:
+            raise StreamPruneError("cannot export layer 0 without attention heads (llama.cpp reads the head size "
+                                   "from it)")
         if heads < 1 or kv < 1:
-            where = "layer 0 (llama.cpp reads the head size from it)" if i == 0 else f"layer {i}"
-            raise StreamPruneError(f"cannot export {where} without attention heads: deci treats it as another "
-                                   "kind of layer")
+            # deci would read 0 KV heads as Nemotron's "linear attention" and 0 heads as an attention-free
+            # layer that ignores attn_output.bias; streamprune always keeps a head per KV group.
+            raise StreamPruneError(f"cannot export layer {i} with {heads} attention heads and {kv} KV heads: "
+                                   "llama.cpp's deci reads that as another kind of layer")
         if heads % kv:
             raise StreamPruneError(f"layer {i} has {heads} query heads for {kv} KV heads; llama.cpp needs a multiple")
         if ffn < 1:
