@@ -311,3 +311,7 @@ def demo_command(cache_dir, model_dir, ratio, calib, nsamples, seqlen, eval_text
     run_demo(model_dir=Path(model_dir) if model_dir else None, cache_dir=Path(cache_dir) if cache_dir else None,
              ratio=ratio, calib=calib, nsamples=nsamples, seqlen=seqlen,
              eval_text=Path(eval_text) if eval_text else None, device=device, quiet=quiet, echo=click.echo)
+
+
+if __name__ == "__main__":  # `python -m streamprune.cli` (as well as `python -m streamprune`)
+    main()
