@@ -1,4 +1,4 @@
-"""Command line: `streamprune run | eval | demo | report | batch`.
+"""Command line: `streamprune run | eval | export | demo | report | batch`.
 
 Every command turns a `StreamPruneError` (bad input, missing files, interruption) into a one-line
 message on stderr and a non-zero exit; `--debug` shows the traceback instead.
@@ -21,6 +21,7 @@ EXIT_USAGE = 2
 DEMO_NSAMPLES = 32
 DEMO_EVAL_WINDOWS = 200
 EXIT_INTERRUPTED = 130
+OUTTYPE_CHOICES = ["f32", "f16", "q8_0"]  # streamprune.export_gguf.OUTTYPES (not imported: keeps --help fast)
 
 
 def friendly_errors(func: Callable) -> Callable:
@@ -136,9 +137,13 @@ def apply_paper_preset(options: dict) -> dict:
                    "time take turns, so each is computed once.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON on stdout.")
+@click.option("--gguf", "gguf_path", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Also export the pruned model to this GGUF file for llama.cpp (see `streamprune export`).")
+@click.option("--gguf-outtype", type=click.Choice(OUTTYPE_CHOICES), default="f16", show_default=True,
+              help="Weight type of the --gguf file.")
 @friendly_errors
 def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cache: str | None, quiet: bool,
-        as_json: bool, **options) -> None:
+        as_json: bool, gguf_path: str | None, gguf_outtype: str, **options) -> None:
     """Prune MODEL_DIR into OUT_DIR, streaming one decoder layer at a time.
 
     An interrupted run (Ctrl-C, kill, power loss) resumes from the last finished layer when the same
@@ -151,9 +156,14 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cac
 
     options = apply_paper_preset(options)
     stop_with_parent()
+    if gguf_path is not None:
+        from .export_gguf import check_destination
+
+        check_destination(gguf_path, overwrite)  # before an hour of pruning, not after
     result = StreamingPruner(model_dir, out_dir, PruneOptions(**options), overwrite=overwrite, restart=restart,
                              quiet=quiet, shared_cache=shared_cache).run()
     r = result.report
+    exported = _export_after_run(out_dir, gguf_path, gguf_outtype, overwrite) if gguf_path else None
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
@@ -162,6 +172,43 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cac
         f"({r['achieved_ratio']:.2%} removed, target {options['ratio']:.2%}) in "
         f"{r['timings_seconds']['total_this_process']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB -> {out_dir}"
     )
+    if exported is not None:
+        click.echo(_export_line(exported))
+
+
+def _export_after_run(out_dir: str, gguf_path: str, outtype: str, overwrite: bool):
+    from .export_gguf import export_gguf
+
+    return export_gguf(out_dir, gguf_path, outtype, overwrite=overwrite)
+
+
+def _export_line(result) -> str:
+    return (f"exported {result.tensors} tensors ({result.outtype}, {result.bytes / 1e6:,.1f} MB) in "
+            f"{result.seconds:.1f} s, peak RSS {result.peak_rss_mb:.0f} MB -> {result.path}")
+
+
+@main.command(name="export")
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("out_gguf", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--outtype", type=click.Choice(OUTTYPE_CHOICES), default="f16", show_default=True,
+              help="Weight type: f32 (exact), f16 (half the size), q8_0 (8-bit blocks, about a quarter).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT_GGUF (only once the new file is complete).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
+@friendly_errors
+def export_command(model_dir: str, out_gguf: str, outtype: str, overwrite: bool, quiet: bool) -> None:
+    """Write MODEL_DIR (pruned by streamprune, or a dense LLaMA / Mistral / Qwen2 folder) as OUT_GGUF for llama.cpp.
+
+    The file uses llama.cpp's `deci` architecture, which stores each layer's head counts and FFN
+    width, so llama.cpp, llama-cpp-python, Ollama and LM Studio run the pruned model as it is. The
+    model is read one layer at a time; OUT_GGUF appears only when complete. Then, for example:
+
+    \b
+        llama-cli -m OUT_GGUF -p "Once upon a time" -n 32
+    """
+    from .export_gguf import export_gguf
+
+    log = None if quiet else (lambda line: click.echo(line, err=True))
+    click.echo(_export_line(export_gguf(model_dir, out_gguf, outtype, overwrite=overwrite, log=log)))
 
 
 @main.command(name="eval")
@@ -248,8 +295,8 @@ def batch_command(manifest: str, json_path: str | None, **settings) -> None:
     """Run the pruning jobs listed in MANIFEST, one after another or on Ray.
 
     MANIFEST is a CSV file with the header model_dir,out_dir,ratio and optionally more columns named
-    after `run` options (calib, nsamples, seqlen, gqa-mode, layers, no-greedy, ...), or a YAML/JSON
-    list of mappings with the same keys. Empty cells keep the default; booleans are true/false,
+    after `run` options (calib, nsamples, seqlen, gqa-mode, layers, no-greedy, gguf, gguf-outtype, ...),
+    or a YAML/JSON list of mappings with the same keys. Empty cells keep the default; booleans are true/false,
     yes/no or 1/0; relative paths are relative to MANIFEST's folder. Example jobs.csv:
 
     \b
@@ -321,3 +368,7 @@ def demo_command(cache_dir, model_dir, ratio, calib, nsamples, seqlen, eval_text
              nsamples=nsamples, seqlen=seqlen, eval_text=Path(eval_text) if eval_text else None,
              eval_windows=eval_windows, max_new_tokens=max_new_tokens, device=device, quiet=quiet, echo=click.echo,
              command_started=psutil.Process().create_time())
+
+
+if __name__ == "__main__":  # `python -m streamprune.cli` (as well as `python -m streamprune`)
+    main()

@@ -50,6 +50,8 @@ def make_tiny_model(
     dtype: torch.dtype = torch.float32,
     max_shard_size: str | None = None,
     seed: int = 0,
+    vocab: int = VOCAB,
+    tokenizer: bool = True,
 ) -> Path:
     """Save a random model with a tokenizer to `path` and return it. Weights are scaled up from the
     default init so heads and channels differ clearly in importance (a flat model prunes arbitrarily).
@@ -57,7 +59,7 @@ def make_tiny_model(
     config_cls, model_cls = FAMILIES[family]
     config = config_cls(
         head_dim=head_dim or hidden // heads,
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=256,
         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=None,
     )
@@ -76,7 +78,8 @@ def make_tiny_model(
     model = model.to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
-    make_tiny_tokenizer(VOCAB).save_pretrained(path)
+    if tokenizer:  # False: the caller writes its own (e.g. a SentencePiece one)
+        make_tiny_tokenizer(vocab).save_pretrained(path)
     return path
 
 

@@ -42,6 +42,8 @@ class Job:
     shared_cache: str | None = None
     overwrite: bool = False
     restart: bool = False
+    gguf: str | None = None  # also export the pruned model to this GGUF file (`run --gguf`)
+    gguf_outtype: str = "f16"
 
     @property
     def log_path(self) -> str:
@@ -100,8 +102,16 @@ def run_command(job: Job) -> list[str]:
         argv += option_args(name, value)
     if job.shared_cache:
         argv += ["--shared-cache", job.shared_cache]
+    if job.gguf:
+        argv += ["--gguf", job.gguf, "--gguf-outtype", job.gguf_outtype]
     argv += ["--overwrite"] * job.overwrite + ["--restart"] * job.restart
     return argv + ["--quiet", "--json"]
+
+
+def export_command(job: Job) -> list[str]:
+    """For a job whose model is pruned but whose GGUF file is missing: `streamprune export` only."""
+    argv = [sys.executable, "-m", "streamprune", "export", job.out_dir, job.gguf, "--outtype", job.gguf_outtype]
+    return argv + ["--overwrite"] * job.overwrite + ["--quiet"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,7 +147,7 @@ def result(job: Job, status: str, **extra) -> dict:
     base = {"job": job.number, "model_dir": job.model_dir, "out_dir": job.out_dir, "ratio": job.options["ratio"],
             "options": job.options, "status": status, "params_before": None, "params_after": None,
             "achieved_ratio": None, "seconds": None, "peak_rss_mb": None, "log": job.log_path, "error": None,
-            "dense_scores_reused": None, "dense_pass_seconds": None, "shared_group": None}
+            "dense_scores_reused": None, "dense_pass_seconds": None, "shared_group": None, "gguf": job.gguf}
     return {**base, **extra}
 
 
@@ -153,8 +163,10 @@ def _from_report(report: dict) -> dict:
 def run_job(job: Job) -> dict:
     """Run one job (unless OUT_DIR already holds its result) and describe the outcome as a JSON-able dict."""
     done, diffs = _read_finished(job)
-    if done is not None and not diffs:
+    if done is not None and not diffs and (job.gguf is None or Path(job.gguf).is_file()):
         return result(job, SKIPPED, **_from_report(done))
+    if done is not None and not diffs:  # pruned earlier; only the GGUF export is missing
+        return _export_only(job, done)
     if done is not None and not job.overwrite:  # said here, and more precisely than the engine would
         return result(job, FAILED, error=f"{job.out_dir} holds a finished run with other settings "
                                          f"({', '.join(diffs)}); pass --overwrite to replace it")
@@ -170,12 +182,21 @@ def run_job(job: Job) -> dict:
     return result(job, status, **timing, error=_failure_reason(job.log_path, offset, returncode))
 
 
+def _export_only(job: Job, done: dict) -> dict:
+    started = time.perf_counter()
+    returncode, peak_mb, offset, _ = _run_child(job, export_command(job))
+    timing = {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_mb}
+    if returncode == 0:
+        return result(job, OK, **timing, **_from_report(done))
+    return result(job, FAILED, **timing, error=_failure_reason(job.log_path, offset, returncode))
+
+
 # ----------------------------------------------------------------------------------------------
 # The child process
 # ----------------------------------------------------------------------------------------------
 
 
-def _run_child(job: Job) -> tuple[int, float, int, str]:
+def _run_child(job: Job, command: list[str] | None = None) -> tuple[int, float, int, str]:
     """Run the job's command; return (exit code, peak RSS MB, log offset, its stdout).
 
     Its stderr goes to the log as it comes; its stdout (the JSON report) is collected in a temporary
@@ -183,7 +204,7 @@ def _run_child(job: Job) -> tuple[int, float, int, str]:
     """
     log = Path(job.log_path)
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = run_command(job)
+    command = command or run_command(job)
     with log.open("a", encoding="utf-8") as fh, tempfile.TemporaryFile() as out:
         fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} job {job.number}: {shlex.join(command)}\n")
         fh.flush()

@@ -30,10 +30,17 @@ MAX_ERRORS = 5  # bad rows named in the one-line validation error
 OPTION_TYPES = {f.name: plain_type(f) for f in option_fields()}
 
 
+# Not pruning options: the GGUF file `run --gguf` writes after pruning, and its weight type.
+GGUF_KEYS = ("gguf", "gguf_outtype")
+GGUF_OUTTYPES = ("f32", "f16", "q8_0")  # streamprune.export_gguf.OUTTYPES (checked equal by a test)
+
+
 def _aliases() -> dict[str, tuple[str, bool]]:
     """Manifest key -> (field, negated): field names, dashed names and the CLI's own flags (layers, no-greedy)."""
     aliases = {"model_dir": ("model_dir", False), "model-dir": ("model_dir", False),
                "out_dir": ("out_dir", False), "out-dir": ("out_dir", False)}
+    for name in GGUF_KEYS:
+        aliases[name] = aliases[name.replace("_", "-")] = (name, False)
     for f in option_fields():
         for name in (f.name, f.name.replace("_", "-")):
             aliases[name] = (f.name, False)
@@ -46,7 +53,7 @@ def _aliases() -> dict[str, tuple[str, bool]]:
 
 
 ALIASES = _aliases()
-VALID_KEYS = ", ".join(["model_dir", "out_dir"] + [f.name for f in option_fields()])
+VALID_KEYS = ", ".join(["model_dir", "out_dir"] + [f.name for f in option_fields()] + list(GGUF_KEYS))
 
 
 class _RowError(ValueError):
@@ -113,8 +120,11 @@ def _parse_row(row: dict, keys: dict[str, tuple[str, bool]], number: int, base: 
         if raw is None or (isinstance(raw, str) and not raw.strip()):
             continue  # empty cell: the option's default
         name, negated = keys[key]
-        if name in ("model_dir", "out_dir"):
+        if name in ("model_dir", "out_dir", "gguf"):
             values[name] = _resolve(base, str(raw).strip())
+            continue
+        if name == "gguf_outtype":
+            values[name] = _gguf_outtype(raw)
             continue
         value = _convert(raw, OPTION_TYPES[name], str(key))
         values[name] = (not value) if negated else value
@@ -124,8 +134,16 @@ def _parse_row(row: dict, keys: dict[str, tuple[str, bool]], number: int, base: 
     if "calib" in values:
         values["calib"] = _calib_path(base, str(values["calib"]))
     model_dir, out_dir = str(values.pop("model_dir")), str(values.pop("out_dir"))
+    gguf = {k: values.pop(k) for k in GGUF_KEYS if k in values}
     _check_options(values)
-    return Job(number, model_dir, out_dir, values)
+    return Job(number, model_dir, out_dir, values, **gguf)
+
+
+def _gguf_outtype(raw: object) -> str:
+    value = str(raw).strip().lower()
+    if value not in GGUF_OUTTYPES:
+        raise _RowError(f"gguf_outtype must be one of {', '.join(GGUF_OUTTYPES)}, got {raw!r}")
+    return value
 
 
 def _check_options(values: dict) -> None:
@@ -220,7 +238,8 @@ def _check_distinct_outputs(jobs: list[Job], source: str) -> None:
     """Two jobs writing one folder would overwrite (or, on Ray, corrupt) each other's output."""
     first: dict[str, int] = {}
     for job in jobs:
-        if job.out_dir in first:
-            raise StreamPruneError(f"invalid manifest {source}: jobs {first[job.out_dir]} and {job.number} "
-                                   f"both write {job.out_dir}; give every job its own out_dir")
-        first[job.out_dir] = job.number
+        for path in filter(None, (job.out_dir, job.gguf)):
+            if path in first:
+                raise StreamPruneError(f"invalid manifest {source}: jobs {first[path]} and {job.number} "
+                                       f"both write {path}; give every job its own out_dir and gguf")
+            first[path] = job.number
