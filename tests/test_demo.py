@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from streamprune import demo
 from streamprune.calibration import BUILTIN_TEXT, load_calibration
 from streamprune.cli import main
-from streamprune.demo_checks import DEMO_CHOICES, load_choice_items
+from streamprune.demo.checks import DEMO_CHOICES, load_choice_items
 from streamprune.loading import load_pruned
 from tests.tokenizer_fixtures import make_tiny_tokenizer
 

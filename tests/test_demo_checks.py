@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streamprune.demo_checks import (
+from streamprune.demo.checks import (
     SAMPLING,
     ChoiceItem,
     choice_accuracy,

@@ -15,9 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from streamprune import gguf_convert
-from streamprune.extras import MissingExtraError
-from streamprune.gguf_convert import (
+from streamprune.demo import gguf_import as gguf_convert
+from streamprune.demo.gguf_import import (
     DEMO_GGUF_NAME,
     DEMO_MODEL_NAME,
     DEMO_PACKAGE,
@@ -27,6 +26,7 @@ from streamprune.gguf_convert import (
     demo_model_dir,
     fetch_smollm2_gguf,
 )
+from streamprune.extras import MissingExtraError
 from tests.gguf_fixtures import write_tiny_llama_gguf
 
 TEXT = "Structured pruning removes whole heads; print('hello, world!') 2024"

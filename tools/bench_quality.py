@@ -29,9 +29,9 @@ from pathlib import Path
 import click
 
 import streamprune
+from streamprune.demo.gguf_import import default_cache_dir, demo_model_dir
 from streamprune.engine import PAPER_METHOD
 from streamprune.evaluation import evaluate, final_hidden_states, text_windows
-from streamprune.gguf_convert import default_cache_dir, demo_model_dir
 from streamprune.loading import load_tokenizer
 
 # Named option sets passed to streamprune.prune. "paper" is SlimLLM as published; "default" is what

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .errors import StreamPruneError
+from ..errors import StreamPruneError
 
-DEMO_CHOICES = Path(__file__).with_name("data") / "demo_choices.jsonl"
+DEMO_CHOICES = Path(__file__).parents[1] / "data" / "demo_choices.jsonl"
 PROMPT = "Write a short paragraph about why people enjoy walking by the sea."
 # How people usually sample from a chat model (the defaults of common chat front ends).
 SAMPLING = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .extras import require_all
+from ..extras import require_all
 
-DEMO_EVAL_TEXT = Path(__file__).with_name("data") / "demo_eval.txt"
+DEMO_EVAL_TEXT = Path(__file__).parents[1] / "data" / "demo_eval.txt"
 
 
 @dataclass
@@ -83,8 +83,8 @@ def run_demo(model_dir: str | Path | None = None, cache_dir: Path | None = None,
     `command_started` (a `time.time()` value, e.g. when the process started) adds a start-up step and
     makes the total count from then.
     """
-    from .gguf_convert import default_cache_dir, demo_model_dir
-    from .hub import resolve_model_dir
+    from ..hub import resolve_model_dir
+    from .gguf_import import default_cache_dir, demo_model_dir
 
     started = time.perf_counter()
     clock = StepClock(echo)
@@ -103,7 +103,7 @@ def run_demo(model_dir: str | Path | None = None, cache_dir: Path | None = None,
     windows = _eval_windows(model_dir, eval_text, eval_windows, eval_seqlen)
     with clock.step("evaluation", f"evaluation: dense and pruned side by side on {windows.numel():,} tokens of "
                     f"{'the given text' if eval_text else 'a novel neither saw in calibration'}"):
-        from .evaluation import evaluate
+        from ..evaluation import evaluate
 
         ev = evaluate(out_dir, windows, reference_dir=model_dir, device=device, quiet=quiet, desc="evaluation")
     dense = _checks(model_dir, "dense", clock, device, max_new_tokens, seed, quiet)
@@ -113,7 +113,7 @@ def run_demo(model_dir: str | Path | None = None, cache_dir: Path | None = None,
     pruned_summary = ModelSummary(f"pruned {ratio:.0%}", report["params_after"], folder_bytes(out_dir), ev.perplexity,
                                   *pruned, kl=ev.kl_from_reference, agreement=ev.top1_agreement)
     with clock.step("figure", "figure"):
-        from .report import demo_figure
+        from ..report import demo_figure
 
         figure = demo_figure(report, dense_summary.perplexity, pruned_summary.perplexity,
                              out_dir.with_name(out_dir.name + ".png"))
@@ -126,8 +126,8 @@ def run_demo(model_dir: str | Path | None = None, cache_dir: Path | None = None,
 def _prune(model_dir: Path, out_dir: Path, ratio: float, calib: str, nsamples: int, seqlen: int, seed: int,
            device: str, quiet: bool, clock: StepClock) -> dict:
     """Prune, and split the engine's own timings into the steps the user saw (calibration, pass 1, pass 2)."""
-    from .calibration import describe_source
-    from .engine import prune
+    from ..calibration import describe_source
+    from ..engine import prune
 
     what = f"pruning {ratio:.0%} of all parameters; calibration: {describe_source(calib)}, {nsamples} x {seqlen} tokens"
     with clock.step("prune", what):
@@ -142,9 +142,9 @@ def _prune(model_dir: Path, out_dir: Path, ratio: float, calib: str, nsamples: i
 
 
 def _eval_windows(model_dir: Path, eval_text: Path | None, eval_windows: int | None, seqlen: int) -> torch.Tensor:
-    from .errors import StreamPruneError
-    from .evaluation import text_windows
-    from .loading import load_tokenizer
+    from ..errors import StreamPruneError
+    from ..evaluation import text_windows
+    from ..loading import load_tokenizer
 
     path = Path(eval_text) if eval_text else DEMO_EVAL_TEXT
     if not path.is_file():
@@ -155,9 +155,9 @@ def _eval_windows(model_dir: Path, eval_text: Path | None, eval_windows: int | N
 def _checks(folder: Path, name: str, clock: StepClock, device: str, max_new_tokens: int, seed: int,
             quiet: bool) -> tuple[int, int, float, str]:
     """Multiple choice and one sampled completion on the whole model: (right, total, tokens/s, text)."""
-    from .demo_checks import choice_accuracy, load_choice_items, sample_completion
-    from .engine import resolve_device
-    from .loading import load_pruned, load_tokenizer
+    from ..devices import resolve_device
+    from ..loading import load_pruned, load_tokenizer
+    from .checks import choice_accuracy, load_choice_items, sample_completion
 
     items = load_choice_items()
     with clock.step("load", f"{name}: loading the whole model"):

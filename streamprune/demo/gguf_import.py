@@ -28,8 +28,8 @@ from typing import IO, TYPE_CHECKING
 
 import torch
 
-from .errors import StreamPruneError
-from .extras import require
+from ..errors import StreamPruneError
+from ..extras import require
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
