@@ -134,6 +134,7 @@ def layer_bytes(gguf_path: Path) -> dict:
 def main(dense_dir: str, pruned: tuple[str, ...], outtypes: str, gguf_dir: str | None, threads: int, reps: int,
          pp: int, tg: int, skip_transformers: bool, json_path: str | None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    load_before = os.getloadavg()  # other work on the machine shows here
     models = {"dense": dense_dir, **dict(p.split("=", 1) for p in pruned)}
     gguf_root = Path(gguf_dir or Path(json_path or "bench-serve.json").with_suffix(".gguf.d"))
     gguf_root.mkdir(parents=True, exist_ok=True)
@@ -155,6 +156,7 @@ def main(dense_dir: str, pruned: tuple[str, ...], outtypes: str, gguf_dir: str |
             click.echo(f"{name:8s} torch f32 tg{tg} {row['tg']['median_tps']:7.1f} t/s", err=True)
     result = {"commit": git_commit(), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "threads": threads, "reps": reps, "prompt_tokens": pp, "decode_tokens": tg,
+              "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "rows": rows, "speedups": speedups(rows)}
     text = json.dumps(result, indent=2)
     if json_path:
