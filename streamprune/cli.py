@@ -292,8 +292,11 @@ def demo_command(cache_dir, model_dir, ratio, calib, nsamples, seqlen, eval_text
 
     import psutil
 
+    from .demo import DEMO_NEEDS
+    from .extras import require_all
     from .progress import elapsed
 
+    require_all(*DEMO_NEEDS)  # a missing extra fails at once, before seconds of imports
     click.echo("-- start-up: loading torch and transformers")
     with elapsed("start-up", quiet):  # seconds on a small machine, before anything else can be shown
         from . import engine, evaluation  # noqa: F401
