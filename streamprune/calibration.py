@@ -363,7 +363,7 @@ def generate_self_calibration(model_dir, tokenizer, nsamples: int, seqlen: int, 
 def _load_model(model_dir, device: str):
     from transformers import AutoModelForCausalLM
 
-    from .engine import resolve_device
+    from .devices import resolve_device
 
     device = resolve_device(device)
     # float32 on CPU (half-precision matmuls there are slow); the checkpoint's own dtype elsewhere.

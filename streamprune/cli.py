@@ -362,8 +362,15 @@ def demo_command(cache_dir, model_dir, ratio, calib, nsamples, seqlen, eval_text
 
     import psutil
 
-    from .demo import run_demo
+    from .demo import DEMO_NEEDS
+    from .extras import require_all
+    from .progress import elapsed
 
+    require_all(*DEMO_NEEDS)  # a missing extra fails at once, before seconds of imports
+    click.echo("-- start-up: loading torch and transformers")
+    with elapsed("start-up", quiet):  # seconds on a small machine, before anything else can be shown
+        from . import engine, evaluation  # noqa: F401
+        from .demo import run_demo
     run_demo(model_dir=model_dir, cache_dir=Path(cache_dir) if cache_dir else None, ratio=ratio, calib=calib,
              nsamples=nsamples, seqlen=seqlen, eval_text=Path(eval_text) if eval_text else None,
              eval_windows=eval_windows, max_new_tokens=max_new_tokens, device=device, quiet=quiet, echo=click.echo,

@@ -15,7 +15,9 @@ import typing
 from dataclasses import dataclass, field
 
 from .errors import StreamPruneError
-from .method_parts import MethodSwitches
+
+if typing.TYPE_CHECKING:
+    from .method_parts import MethodSwitches
 
 DEFAULT_CALIB = "wikitext:wikitext-2-raw-v1:train"
 
@@ -106,6 +108,8 @@ class PruneOptions:
                              help="Read each layer only when needed instead of overlapping the read with compute.")
 
     def switches(self) -> MethodSwitches:
+        from .method_parts import MethodSwitches  # imports torch: not needed to build the command line
+
         return MethodSwitches(greedy=self.greedy, feature_space=self.feature_space, regression=self.regression,
                               recovery=self.recovery, damping=self.damping, target=self.target,
                               protect_lowest=self.protect_lowest, selection=self.selection)

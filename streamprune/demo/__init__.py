@@ -16,11 +16,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..extras import require_all
 
+if TYPE_CHECKING:
+    import torch
+
+DEMO_NEEDS = (["matplotlib"], "streamprune demo (its figure)")  # gguf too, checked only when converting
 DEMO_EVAL_TEXT = Path(__file__).parents[1] / "data" / "demo_eval.txt"
 
 
@@ -90,7 +93,7 @@ def run_demo(model_dir: str | Path | None = None, cache_dir: Path | None = None,
     clock = StepClock(echo)
     if command_started is not None:  # the CLI passes when its process started: imports count too
         clock.seconds["start-up"] = max(0.0, time.time() - command_started)
-    require_all(["matplotlib"], "streamprune demo (its figure)")  # fail now, not after minutes of work
+    require_all(*DEMO_NEEDS)  # fail now, not after minutes of work
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     given = model_dir
     name = str(given) if given else f"SmolLM2-135M-Instruct (cache {cache_dir})"
@@ -162,7 +165,7 @@ def _checks(folder: Path, name: str, clock: StepClock, device: str, max_new_toke
     items = load_choice_items()
     with clock.step("load", f"{name}: loading the whole model"):
         tokenizer = load_tokenizer(folder)
-        model = load_pruned(folder, dtype=torch.float32 if resolve_device(device).type == "cpu" else None,
+        model = load_pruned(folder, dtype="float32" if resolve_device(device).type == "cpu" else None,
                             device=str(resolve_device(device)))
     with clock.step("multiple choice", f"{name}: {len(items)} multiple-choice items, scored by log-likelihood"):
         right = choice_accuracy(model, tokenizer, items, quiet=quiet, desc=f"{name} multiple choice")

@@ -12,6 +12,7 @@ complete, so an interrupted download or conversion never leaves something that l
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -30,6 +31,7 @@ import torch
 
 from ..errors import StreamPruneError
 from ..extras import require
+from ..progress import elapsed
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -80,7 +82,7 @@ def demo_model_dir(cache_dir: Path | None = None, echo: Callable[[str], None] | 
         shutil.rmtree(out_dir)
     gguf_path = fetch_smollm2_gguf(cache_dir, echo)
     (echo or log.info)(f"converting {gguf_path.name} to a safetensors folder (once)")
-    return convert_gguf_to_hf(gguf_path, out_dir)
+    return convert_gguf_to_hf(gguf_path, out_dir, quiet=echo is None)
 
 
 def is_complete_hf_folder(folder: Path) -> bool:
@@ -199,10 +201,12 @@ def _is_gguf_file(path: Path) -> bool:
 # ------------------------------------------------------------------------------------------- convert
 
 
-def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.float32,
+                       quiet: bool = True) -> Path:
     """Dequantize `gguf_path` into a plain HF folder `out_dir` (safetensors + tokenizer); return it.
 
-    The folder is built under a staging name next to `out_dir` and renamed when complete.
+    The folder is built under a staging name next to `out_dir` and renamed when complete. Unless
+    `quiet`, each stage shows its elapsed time (transformers reads the GGUF silently for a while).
     """
     gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
     if not _is_gguf_file(gguf_path):
@@ -213,18 +217,21 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torc
     _remove_stale_staging(out_dir)
     staging = _staging_path(out_dir)
     try:
-        _write_hf_folder(gguf_path, staging, dtype)
+        _write_hf_folder(gguf_path, staging, dtype, quiet)
         return _publish(staging, out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_hf_folder(gguf_path: Path, folder: Path, dtype: torch.dtype) -> None:
+def _write_hf_folder(gguf_path: Path, folder: Path, dtype: torch.dtype, quiet: bool = True) -> None:
     log.info("converting %s to a %s safetensors checkpoint", gguf_path.name, dtype)
-    model = _load_dense_model(gguf_path, dtype)
-    model.save_pretrained(folder)  # safetensors, plus config.json and generation_config.json
-    tokenizer = _load_tokenizer(gguf_path)
+    with elapsed("conversion: reading and dequantizing the GGUF", quiet):
+        model = _load_dense_model(gguf_path, dtype)
+    with elapsed("conversion: writing safetensors", quiet):
+        model.save_pretrained(folder)  # safetensors, plus config.json and generation_config.json
+    with elapsed("conversion: building the tokenizer", quiet):
+        tokenizer = _load_tokenizer(gguf_path)
     # The GGUF loader leaves the "unlimited" sentinel; the context length is the real limit.
     tokenizer.model_max_length = model.config.max_position_embeddings
     tokenizer.save_pretrained(folder)
@@ -240,7 +247,8 @@ def _load_dense_model(gguf_path: Path, dtype: torch.dtype) -> PreTrainedModel:
     if config is not None:
         kwargs["quantization_config"] = config
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=dtype, **kwargs)
+        with _tensor_name_map_cached():
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError, NotImplementedError, ImportError) as exc:
         raise DemoModelError(f"transformers could not load {gguf_path.name}: {_one_line(exc)}") from exc
     _drop_gguf_quantizer_marks(model)
@@ -248,6 +256,26 @@ def _load_dense_model(gguf_path: Path, dtype: torch.dtype) -> PreTrainedModel:
     # The loader stores llama.cpp's `general.name` under this made-up key; it is not a config field.
     model.config.__dict__.pop("_model_name_or_path", None)
     return model.eval()
+
+
+@contextlib.contextmanager
+def _tensor_name_map_cached() -> Iterator[None]:
+    """Build gguf's tensor-name table once per (architecture, depth) while transformers loads the GGUF.
+
+    transformers asks for it again for every module it visits (397 times for SmolLM2, 26 s of a 60 s
+    load on a busy CPU); the table is only read, so one copy serves them all.
+    """
+    try:
+        import gguf
+    except ImportError:  # transformers names the missing package itself
+        yield
+        return
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
 
 
 def _gguf_kwargs(gguf_path: Path) -> dict:
