@@ -98,19 +98,19 @@ def main(model_dir, calib_path, eval_dir, ratios, variants, seeds, nsamples, seq
     dense = {name: evaluate(model_dir, w).perplexity for name, w in sources.items()}
     click.echo("dense perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()), err=True)
     sizing = {k: v for k, v in (("nsamples", nsamples), ("seqlen", seqlen)) if v is not None}
-    rows = []
+    command = "python tools/bench_quality.py " + " ".join(sys.argv[1:])
+    payload = {"commit": git_commit(), "command": command, "dense": dense, "calib": str(calib_path.name),
+               "windows": {k: int(v.shape[0]) for k, v in sources.items()}, "rows": []}
+    rows = payload["rows"]
     for ratio in ratios:
         for spec in variants:
             name, options = parse_variant(spec)
             for seed in seeds:
                 rows += run_variant(model_dir, calib_path, sources, dense, dense_hidden, ratio, name,
                                     {**options, **sizing, "seed": seed}, workdir)
-    command = "python tools/bench_quality.py " + " ".join(sys.argv[1:])
+                if json_path:  # after every pruned model, so an interrupted run keeps what it measured
+                    json_path.write_text(json.dumps(payload, indent=2))
     click.echo(markdown(rows, dense, sources, command))
-    if json_path:
-        payload = {"commit": git_commit(), "command": command, "dense": dense, "calib": str(calib_path.name),
-                   "windows": {k: int(v.shape[0]) for k, v in sources.items()}, "rows": rows}
-        json_path.write_text(json.dumps(payload, indent=2))
 
 
 def run_variant(model_dir, calib, sources, dense, dense_hidden, ratio, name, options, workdir) -> list[dict]:
