@@ -60,6 +60,8 @@ def git_commit() -> str:
 def parse_variant(spec: str) -> tuple[str, dict]:
     """A name from VARIANTS, or `name:key=value,key=value` for an ad-hoc option set."""
     if ":" not in spec:
+        if spec not in VARIANTS:
+            raise click.ClickException(f"unknown variant {spec!r}; known: {', '.join(VARIANTS)} or name:key=value,...")
         return spec, VARIANTS[spec]
     name, _, pairs = spec.partition(":")
     options = {}
@@ -88,6 +90,8 @@ def main(model_dir, calib_path, eval_dir, ratios, variants, seeds, nsamples, seq
          json_path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     ratios, variants, seeds = [float(r) for r in ratios.split()], variants.split(), [int(s) for s in seeds.split()]
+    for spec in variants:  # fail on a misspelt variant before the dense evaluation, not after an hour
+        parse_variant(spec)
     model_dir = model_dir or demo_model_dir(default_cache_dir())
     tokenizer = load_tokenizer(model_dir)
     sources = {p.stem: text_windows(p.read_text(encoding="utf-8"), tokenizer, 128, max_windows)
