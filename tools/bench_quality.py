@@ -60,6 +60,8 @@ def git_commit() -> str:
 def parse_variant(spec: str) -> tuple[str, dict]:
     """A name from VARIANTS, or `name:key=value,key=value` for an ad-hoc option set."""
     if ":" not in spec:
+        if spec not in VARIANTS:
+            raise click.ClickException(f"unknown variant {spec!r}; known: {', '.join(VARIANTS)} or name:key=value,...")
         return spec, VARIANTS[spec]
     name, _, pairs = spec.partition(":")
     options = {}
@@ -88,6 +90,8 @@ def main(model_dir, calib_path, eval_dir, ratios, variants, seeds, nsamples, seq
          json_path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     ratios, variants, seeds = [float(r) for r in ratios.split()], variants.split(), [int(s) for s in seeds.split()]
+    for spec in variants:  # fail on a misspelt variant before the dense evaluation, not after an hour
+        parse_variant(spec)
     model_dir = model_dir or demo_model_dir(default_cache_dir())
     tokenizer = load_tokenizer(model_dir)
     sources = {p.stem: text_windows(p.read_text(encoding="utf-8"), tokenizer, 128, max_windows)
@@ -98,19 +102,19 @@ def main(model_dir, calib_path, eval_dir, ratios, variants, seeds, nsamples, seq
     dense = {name: evaluate(model_dir, w).perplexity for name, w in sources.items()}
     click.echo("dense perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()), err=True)
     sizing = {k: v for k, v in (("nsamples", nsamples), ("seqlen", seqlen)) if v is not None}
-    rows = []
+    command = "python tools/bench_quality.py " + " ".join(sys.argv[1:])
+    payload = {"commit": git_commit(), "command": command, "dense": dense, "calib": str(calib_path.name),
+               "windows": {k: int(v.shape[0]) for k, v in sources.items()}, "rows": []}
+    rows = payload["rows"]
     for ratio in ratios:
         for spec in variants:
             name, options = parse_variant(spec)
             for seed in seeds:
                 rows += run_variant(model_dir, calib_path, sources, dense, dense_hidden, ratio, name,
                                     {**options, **sizing, "seed": seed}, workdir)
-    command = "python tools/bench_quality.py " + " ".join(sys.argv[1:])
+                if json_path:  # after every pruned model, so an interrupted run keeps what it measured
+                    json_path.write_text(json.dumps(payload, indent=2))
     click.echo(markdown(rows, dense, sources, command))
-    if json_path:
-        payload = {"commit": git_commit(), "command": command, "dense": dense, "calib": str(calib_path.name),
-                   "windows": {k: int(v.shape[0]) for k, v in sources.items()}, "rows": rows}
-        json_path.write_text(json.dumps(payload, indent=2))
 
 
 def run_variant(model_dir, calib, sources, dense, dense_hidden, ratio, name, options, workdir) -> list[dict]:
