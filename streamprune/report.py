@@ -60,11 +60,7 @@ def report_figure(report: dict, path: Path) -> Path:
     ax.legend()
     for ax in axes.flat:
         ax.set_xlabel("layer")
-    fig.suptitle(f"{Path(report['model_dir']).name}: {report['params_before'] / 1e6:.3g}M -> "
-                 f"{report['params_after'] / 1e6:.3g}M parameters ({report['achieved_ratio']:.1%} removed)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish_figure(fig, report, path)
 
 
 def pyplot():
@@ -108,6 +104,13 @@ def demo_figure(report: dict, dense_ppl: float, pruned_ppl: float, path: Path) -
     bx.bar_label(bars, fmt="%.1f")
     bx.set_ylabel("perplexity (lower is better)")
     bx.set_title("Held-out perplexity")
+    return _finish_figure(fig, report, path)
+
+
+def _finish_figure(fig, report: dict, path):
+    """Title the figure with the model and its parameter counts, save it as PNG, free it."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(f"{Path(report['model_dir']).name}: {report['params_before'] / 1e6:.1f}M -> "
                  f"{report['params_after'] / 1e6:.1f}M parameters ({report['achieved_ratio']:.1%} removed)")
     fig.savefig(path, dpi=110)
