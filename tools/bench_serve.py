@@ -157,7 +157,7 @@ def main(dense_dir: str, pruned: tuple[str, ...], outtypes: str, gguf_dir: str |
     result = {"commit": git_commit(), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "threads": threads, "reps": reps, "prompt_tokens": pp, "decode_tokens": tg,
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "rows": rows, "speedups": speedups(rows)}
+              "rows": rows, "speedups": speedups(rows), "decode_cost": decode_cost_fits(rows)}
     text = json.dumps(result, indent=2)
     if json_path:
         Path(json_path).write_text(text + "\n")
@@ -183,6 +183,36 @@ def speedups(rows: list[dict]) -> list[dict]:
     return out
 
 
+def decode_cost_fits(rows: list[dict]) -> list[dict]:
+    """Per weight type, the least-squares line seconds/token = fixed + file bytes / bandwidth.
+
+    A memory-bound decode has fixed ~ 0, and then speed-up = bytes ratio. Whatever does not shrink with
+    the weights (one llama_decode call, graph build and per-op dispatch for every layer, the KV-cache
+    attention, the Python binding) shows up as `fixed`; with it the reachable speed-up is
+    (fixed + dense bytes / bandwidth) / (fixed + pruned bytes / bandwidth), which is `ceiling_with_fixed`.
+    """
+    fits = []
+    for outtype in sorted({r["outtype"] for r in rows if "file_bytes" in r}):
+        points = [r for r in rows if r.get("outtype") == outtype and "file_bytes" in r]
+        if len(points) < 2:
+            continue
+        x = np.array([r["file_bytes"] for r in points], dtype=float)
+        y = np.array([1.0 / r["tg"]["median_tps"] for r in points])
+        slope, fixed = np.polyfit(x, y, 1)
+        predicted = fixed + slope * x
+        dense = next((r for r in points if r["model"] == "dense"), None)
+        item = {"outtype": outtype, "fixed_ms_per_token": fixed * 1e3,
+                "bandwidth_gb_s": 1e-9 / slope if slope > 0 else None,
+                "max_residual": float(np.max(np.abs(predicted - y) / y)), "models": {}}
+        for r in points:
+            if dense is not None and r is not dense:
+                reachable = (fixed + slope * dense["file_bytes"]) / (fixed + slope * r["file_bytes"])
+                measured = r["tg"]["median_tps"] / dense["tg"]["median_tps"]
+                item["models"][r["model"]] = {"ceiling_with_fixed": reachable, "measured": measured}
+        fits.append(item)
+    return fits
+
+
 def markdown(result: dict) -> str:
     pp, tg = result["prompt_tokens"], result["decode_tokens"]
     lines = [f"| model | engine | weights | file MB | pp{pp} t/s median (best) | tg{tg} t/s median (best) |",
@@ -199,6 +229,12 @@ def markdown(result: dict) -> str:
         ratio = f"{s['ratio_to_ceiling']:.1%}" if "ceiling" in s else "-"
         lines.append(f"| {s['model']} | {s['engine']} | {s['outtype']} | {s['decode_speedup']:.3f} | {ceiling} | "
                      f"{ratio} |")
+    for fit in result.get("decode_cost", []):
+        reachable = ", ".join(f"{m} {v['ceiling_with_fixed']:.3f} (measured {v['measured']:.3f})"
+                              for m, v in fit["models"].items())
+        lines += ["", f"{fit['outtype']}: seconds per decoded token = {fit['fixed_ms_per_token']:.2f} ms + "
+                  f"file bytes / {fit['bandwidth_gb_s'] or float('nan'):.1f} GB/s (largest residual "
+                  f"{fit['max_residual']:.1%}); speed-up reachable with that fixed cost: {reachable}"]
     return "\n".join(lines)
 
 
