@@ -18,6 +18,7 @@ every weight once (the tied SmolLM2 embedding doubles as the output matrix), so 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -87,12 +88,15 @@ def transformers_decode_speed(model_dir: str, threads: int, reps: int, tg: int) 
     prompt = torch.tensor([prompt_ids(model.config.vocab_size, 16)])
     steps = torch.tensor(prompt_ids(model.config.vocab_size, tg, seed=1)).view(-1, 1, 1)
 
+    # transformers renamed the KV cache argument and output (past_key_values -> cache) within 5.x.
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     @torch.inference_mode()
     def decode_once() -> float:
-        past = model(prompt, use_cache=True).past_key_values
+        past = getattr(model(prompt, use_cache=True), key)
         started = time.perf_counter()
         for token in steps:
-            past = model(token, past_key_values=past, use_cache=True).past_key_values
+            past = getattr(model(token, use_cache=True, **{key: past}), key)
         return time.perf_counter() - started
 
     decode_once()
