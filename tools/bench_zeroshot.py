@@ -234,7 +234,7 @@ def main(model_dir, pruned_specs, data_dir, tasks, limit, batch_size, device, js
     if resume and json_path is None:
         raise click.ClickException("--resume needs --json")
     if model_dir is None:
-        from streamprune.gguf_convert import default_cache_dir, demo_model_dir
+        from streamprune.demo.gguf_import import default_cache_dir, demo_model_dir
 
         model_dir = demo_model_dir(default_cache_dir())
     models = [("dense", parse_model(str(model_dir))[1])] + [parse_model(spec) for spec in pruned_specs]
