@@ -412,7 +412,8 @@ def _allocation_from_state(saved: dict) -> Allocation:
 
     s = saved["summary"]
     return Allocation([LayerPlan(**p) for p in saved["plans"]], s["params_before"], s["params_after"],
-                      s["target_ratio"], s["base_ratio"], s["alpha"], s["pruned_layers"])
+                      s["target_ratio"], s["base_ratio"], s["alpha"], s["pruned_layers"],
+                      s.get("attention_scale", 1.0))
 
 
 def _layer_params(shape: ModelShape, spec: dict) -> int:

@@ -76,17 +76,17 @@ class PruneOptions:
         True, flag="--no-feature-space",
         help="Ablation: score FFN channels by plain down-vector norms instead of the PCA basis.")
     uniform: bool = _option(False, help="Ablation: same ratio in every layer (skips the dense pass).")
-    attention_scale: float = _option(
-        1.0, low=0,
+    attention_scale: float | None = _option(
+        None, low=0,
         help="A layer at ratio r prunes a share min(attention_scale * r, 1) of its attention heads and r of its "
-             "FFN channels (0 keeps every head).")
+             "FFN channels (0 keeps every head) [default: 0 below 35 %, else 1; the paper: 1].")
     regression: bool = _option(True, flag="--no-regression",
                                help="Ablation: no linear-regression recovery of o_proj / down_proj.")
     recovery: str = _option(
         "lstsq", choices=("lstsq", "affine"),
         help="Recovery of o_proj / down_proj: a least-squares refit of every kept weight (lstsq) or the paper's "
              "per-row a*y+b (affine).")
-    damping: float = _option(1e-2, low=0, low_open=True,
+    damping: float = _option(0.1, low=0, low_open=True,
                              help="Ridge of the least-squares recovery, relative to the mean diagonal of the Gram.")
     target: str = _option(
         "pruned", choices=("pruned", "dense"),

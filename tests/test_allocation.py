@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from streamprune.allocation import default_num_pruned_layers, layer_multipliers, solve_allocation
+from streamprune.allocation import (
+    default_attention_scale,
+    default_num_pruned_layers,
+    layer_multipliers,
+    solve_allocation,
+)
 from streamprune.architecture import read_shape
 from streamprune.errors import StreamPruneError
 
@@ -38,10 +43,31 @@ def test_reference_layer_counts_and_multipliers():
 
 def test_uniform_allocation_prunes_every_layer_equally():
     shape = read_shape(LLAMA7B)
-    alloc = solve_allocation(shape, LLAMA7B_PARAMS, 0.2, None)
+    alloc = solve_allocation(shape, LLAMA7B_PARAMS, 0.2, None, attention_scale=1.0)
     heads = {p.prune_units_per_bucket for p in alloc.plans}
     assert len(heads) == 1 and heads != {0}
     assert max(p.prune_channels for p in alloc.plans) - min(p.prune_channels for p in alloc.plans) <= 1
+
+
+def test_default_attention_share_keeps_heads_below_35_percent_and_follows_the_paper_above():
+    shape = read_shape(LLAMA7B)
+    low = solve_allocation(shape, LLAMA7B_PARAMS, 0.2, _scores(32))
+    assert low.attention_scale == 0.0 and all(p.prune_units_per_bucket == 0 for p in low.plans)
+    assert abs(low.achieved_ratio - 0.2) < 1e-3  # the FFN takes the whole budget
+    high = solve_allocation(shape, LLAMA7B_PARAMS, 0.5, _scores(32))
+    paper = solve_allocation(shape, LLAMA7B_PARAMS, 0.5, _scores(32), attention_scale=1.0)
+    assert high.attention_scale == 1.0 and high.plans == paper.plans
+    assert default_attention_scale(0.34) == 0.0 and default_attention_scale(0.35) == 1.0
+
+
+def test_attention_scale_moves_removal_between_heads_and_channels_at_the_same_total():
+    shape = read_shape(LLAMA7B)
+    by_scale = {s: solve_allocation(shape, LLAMA7B_PARAMS, 0.3, _scores(32), attention_scale=s) for s in (0.5, 1, 2)}
+    heads = [sum(p.prune_units_per_bucket for p in a.plans) for a in by_scale.values()]
+    channels = [sum(p.prune_channels for p in a.plans) for a in by_scale.values()]
+    assert heads == sorted(heads) and heads[0] < heads[-1]
+    assert channels == sorted(channels, reverse=True) and channels[0] > channels[-1]
+    assert all(abs(a.achieved_ratio - 0.3) < 1e-3 for a in by_scale.values())
 
 
 def test_impossible_ratio_is_refused_with_the_maximum():

@@ -106,7 +106,7 @@ def _prune_recording_ids(src: Path, out: Path, case: Case, calib: Path):
         nsamples, seqlen = case.calib
         result = streamprune.prune(src, out, case.ratio, calib=str(calib), nsamples=nsamples, seqlen=seqlen,
                                    seed=SEED, quiet=True, dtype="float32", device="cpu",
-                                   **{"recovery": "affine", **case.options})
+                                   **{"recovery": "affine", "attention_scale": 1.0, **case.options})
     assert len(seen) == 1 and seen[0].shape == case.calib
     return result, seen[0]
 
