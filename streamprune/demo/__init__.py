@@ -78,7 +78,7 @@ def folder_bytes(folder: Path) -> int:
 
 def run_demo(model_dir: str | Path | None = None, cache_dir: Path | None = None, ratio: float = 0.2,
              calib: str = "builtin", nsamples: int = 32, seqlen: int = 128, eval_text: Path | None = None,
-             eval_windows: int | None = 200, eval_seqlen: int = 128, device: str = "auto", max_new_tokens: int = 64,
+             eval_windows: int | None = 160, eval_seqlen: int = 128, device: str = "auto", max_new_tokens: int = 64,
              seed: int = 0, quiet: bool = False, echo: Callable[[str], None] = print,
              command_started: float | None = None) -> DemoResult:
     """Fetch/convert (unless `model_dir` is given), prune, evaluate, check, sample, plot; returns the numbers.
