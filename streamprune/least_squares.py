@@ -34,9 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .options import DEFAULT_DAMPING
 from .scoring import MomentAccumulator
-
-DEFAULT_DAMPING = 0.1  # `--damping`'s default (options.py); measured in docs/results.md
 
 
 @dataclass

@@ -20,6 +20,8 @@ if typing.TYPE_CHECKING:
     from .method_parts import MethodSwitches
 
 DEFAULT_CALIB = "wikitext:wikitext-2-raw-v1:train"
+# Ridge of the least-squares recovery, relative to mean diag of the Gram (measured: docs/results.md).
+DEFAULT_DAMPING = 0.1
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class PruneOptions:
         "lstsq", choices=("lstsq", "affine"),
         help="Recovery of o_proj / down_proj: a least-squares refit of every kept weight (lstsq) or the paper's "
              "per-row a*y+b (affine).")
-    damping: float = _option(0.1, low=0, low_open=True,
+    damping: float = _option(DEFAULT_DAMPING, low=0, low_open=True,
                              help="Ridge of the least-squares recovery, relative to the mean diagonal of the Gram.")
     target: str = _option(
         "pruned", choices=("pruned", "dense"),

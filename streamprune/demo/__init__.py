@@ -20,6 +20,10 @@ from typing import TYPE_CHECKING
 
 from ..extras import require_all
 
+# The demo's calibration and evaluation sizes: chosen so it fits in 3 minutes on an idle 2-core CPU (README).
+DEMO_NSAMPLES = 32
+DEMO_EVAL_WINDOWS = 160  # 20,480 tokens: the issue asks for at least 20k
+
 if TYPE_CHECKING:
     import torch
 
@@ -77,9 +81,9 @@ def folder_bytes(folder: Path) -> int:
 
 
 def run_demo(model_dir: str | Path | None = None, cache_dir: Path | None = None, ratio: float = 0.2,
-             calib: str = "builtin", nsamples: int = 32, seqlen: int = 128, eval_text: Path | None = None,
-             eval_windows: int | None = 160, eval_seqlen: int = 128, device: str = "auto", max_new_tokens: int = 64,
-             seed: int = 0, quiet: bool = False, echo: Callable[[str], None] = print,
+             calib: str = "builtin", nsamples: int = DEMO_NSAMPLES, seqlen: int = 128, eval_text: Path | None = None,
+             eval_windows: int | None = DEMO_EVAL_WINDOWS, eval_seqlen: int = 128, device: str = "auto",
+             max_new_tokens: int = 64, seed: int = 0, quiet: bool = False, echo: Callable[[str], None] = print,
              command_started: float | None = None) -> DemoResult:
     """Fetch/convert (unless `model_dir` is given), prune, evaluate, check, sample, plot; returns the numbers.
 
