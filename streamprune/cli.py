@@ -52,28 +52,29 @@ def main() -> None:
     """Layer-streaming SlimLLM structured pruning for LLaMA, Mistral and Qwen2 checkpoints."""
 
 
-def _schema_option(f) -> Callable:
+def _schema_option(f, default: object = dataclasses.MISSING) -> Callable:
     """One click option for one PruneOptions field, from the schema in options.py (the only place defaults,
-    choices and help live; ranges are checked by PruneOptions.validate so the API and manifests agree)."""
+    choices and help live; ranges are checked by PruneOptions.validate so the API and manifests agree).
+    `default` replaces the schema's default for a command with its own (the demo's smaller calibration)."""
     from .options import cli_flag, info, plain_type
 
     meta, flag = info(f), cli_flag(f)
+    default = f.default if default is dataclasses.MISSING else default
     if plain_type(f) is bool:
-        if f.default is True:  # spelled --no-x: the flag turns the option off
+        if default is True:  # spelled --no-x: the flag turns the option off
             return click.option(flag, f.name, is_flag=True, flag_value=False, default=True, help=meta.help)
         return click.option(flag, f.name, is_flag=True, default=False, help=meta.help)
     kind = click.Choice(list(meta.choices)) if meta.choices else plain_type(f)
-    if f.default is dataclasses.MISSING:
+    if default is dataclasses.MISSING:
         return click.option(flag, f.name, type=kind, required=True, help=meta.help)
-    return click.option(flag, f.name, type=kind, default=f.default, show_default=f.default is not None,
-                        help=meta.help)
+    return click.option(flag, f.name, type=kind, default=default, show_default=default is not None, help=meta.help)
 
 
-def schema_option(name: str) -> Callable:
-    """The click option of one PruneOptions field, for commands that share it (eval and demo: --device)."""
+def schema_option(name: str, default: object = dataclasses.MISSING) -> Callable:
+    """The click option of one PruneOptions field, for commands that share it (eval and demo)."""
     from .options import fields
 
-    return _schema_option(next(f for f in fields() if f.name == name))
+    return _schema_option(next(f for f in fields() if f.name == name), default)
 
 
 def run_options(func: Callable) -> Callable:
@@ -332,13 +333,9 @@ def batch_command(manifest: str, json_path: str | None, **settings) -> None:
               help="Use this model folder (or Hugging Face Hub repo id) instead of SmolLM2-135M-Instruct.")
 @click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
               help="Fraction of all parameters to remove.")
-@click.option("--calib", default="builtin", show_default=True,
-              help="Calibration source: 'builtin' (English prose shipped with streamprune), 'self' (text sampled "
-                   "from the model), a text file or a datasets spec (see `run --help`).")
-@click.option("--nsamples", type=click.IntRange(min=1), default=DEMO_NSAMPLES, show_default=True,
-              help="Calibration sequences.")
-@click.option("--seqlen", type=click.IntRange(min=2), default=128, show_default=True,
-              help="Tokens per calibration sequence.")
+@schema_option("calib", default="builtin")
+@schema_option("nsamples", default=DEMO_NSAMPLES)
+@schema_option("seqlen")
 @click.option("--eval-text", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Evaluation text [default: a public-domain novel shipped with streamprune, not used for "
                    "calibration].")
@@ -362,8 +359,10 @@ def demo_command(cache_dir, model_dir, ratio, calib, nsamples, seqlen, eval_text
 
     from .demo import DEMO_NEEDS
     from .extras import require_all
+    from .options import check_options
     from .progress import elapsed
 
+    check_options(calib=calib, nsamples=nsamples, seqlen=seqlen)  # before the download and conversion
     require_all(*DEMO_NEEDS)  # a missing extra fails at once, before seconds of imports
     click.echo("-- start-up: loading torch and transformers")
     with elapsed("start-up", quiet):  # seconds on a small machine, before anything else can be shown

@@ -180,6 +180,15 @@ def option_problem(name: str, value: object) -> str | None:
     return None if problem is None else f"{cli_flag(f)} {problem}"
 
 
+def check_options(**values: object) -> None:
+    """Raise a one-line StreamPruneError for the first of these options out of its range (commands that take
+    a few schema options without building PruneOptions, such as `demo`)."""
+    for name, value in values.items():
+        problem = option_problem(name, value)
+        if problem:
+            raise StreamPruneError(problem)
+
+
 def describe_range(meta: OptionInfo) -> str:
     """'at least 0 and below 1', 'above 0', ..."""
     parts = []

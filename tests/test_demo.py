@@ -109,6 +109,17 @@ def test_demo_without_the_demo_extra_names_it(models, tmp_path, monkeypatch):
     assert not (tmp_path / "demo").exists()  # failed before any work
 
 
+def test_demo_options_share_the_run_schema_ranges(tmp_path):
+    for args, message in ((["--nsamples", "0"], "--nsamples must be at least 1, got 0"),
+                          (["--seqlen", "1"], "--seqlen must be at least 2, got 1")):
+        result = CliRunner().invoke(main, ["demo", "--cache-dir", str(tmp_path), *args])
+        assert result.exit_code == 2 and result.stderr == f"error: {message}\n"
+    assert not any(tmp_path.iterdir())  # refused before any download or conversion
+    run_help = {p.name: p.help for p in main.commands["run"].params}
+    demo_help = {p.name: p.help for p in main.commands["demo"].params}
+    assert all(demo_help[name] == run_help[name] for name in ("calib", "nsamples", "seqlen", "device"))
+
+
 def test_demo_accepts_a_hub_repo_id(hub_cache, tmp_path):
     result = _demo(hub_cache.repo_id, tmp_path, "--quiet")
     assert result.exit_code == 0, result.output
