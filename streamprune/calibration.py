@@ -9,6 +9,10 @@ Behaviour (what SlimLLM / LLM-Pruner do, made explicit):
   or the only string column), or a ``datasets`` spec ``name[:config][:split]`` (default split
   ``train``; slices such as ``train[:2000]`` are passed through).
   ``wikitext`` rows are lines of running articles, not documents, so they are joined into one stream.
+* Mixtures: ``A+B[+C...]`` (for example ``wikitext:wikitext-2-raw-v1:train+self``) draws an equal share of
+  the ``nsamples`` windows from each source (the first sources take the remainder), each source with the
+  same seed. Varied calibration text generalises better than one genre (docs/results.md). A file whose
+  name contains ``+`` is still one source when it exists.
 * Documents are tokenized without special tokens and concatenated with the tokenizer's EOS *between*
   them (none when the tokenizer has no EOS). No BOS appears inside the stream.
 * Windows: ``nsamples`` random start offsets drawn with ``random.Random(seed)``; windows may overlap
@@ -59,8 +63,29 @@ class CalibrationError(StreamPruneError, ValueError):
 # Sources
 
 
+def split_sources(spec: str) -> list[str]:
+    """The sources of a mixture ``A+B`` (one source when ``spec`` is an existing file or has no ``+``)."""
+    if "+" not in spec or Path(spec).expanduser().exists():
+        return [spec]
+    parts = [part.strip() for part in spec.split("+")]
+    if not all(parts):
+        raise CalibrationError(f"calibration mixture {spec!r} has an empty part; write it as SOURCE+SOURCE")
+    return parts
+
+
+def mixture_shares(nsamples: int, parts: int) -> list[int]:
+    """Windows per source: equal shares, the remainder to the first sources (7 over 3: [3, 2, 2])."""
+    if nsamples < parts:
+        raise CalibrationError(f"--nsamples {nsamples} is fewer than the {parts} calibration sources mixed; "
+                               f"use at least {parts}")
+    return [nsamples // parts + (i < nsamples % parts) for i in range(parts)]
+
+
 def describe_source(source: str) -> str:
-    """One line for reports and logs, e.g. ``file wiki.txt (1.2 MB)``."""
+    """One line for reports and logs, e.g. ``file wiki.txt (1.2 MB)``; mixtures join their parts with +."""
+    parts = split_sources(source)
+    if len(parts) > 1:
+        return " + ".join(describe_source(part) for part in parts)
     if source == "self":
         return "self-generated samples from the model"
     if source == BUILTIN:
@@ -251,6 +276,24 @@ def _hub_offline() -> bool:
 
 # ----------------------------------------------------------------------------------------------------
 # Token windows
+
+
+def calibration_ids(source: str, tokenizer, nsamples: int, seqlen: int, seed: int, model_dir=None,
+                    device: str = "cpu", quiet: bool = True) -> torch.Tensor:
+    """(nsamples, seqlen) ids from any ``--calib`` value: a text source, ``self`` (needs ``model_dir``) or a
+    mixture of them, concatenated in the order written."""
+    _check_sizes(nsamples, seqlen)
+    parts = split_sources(source)
+    pieces = []
+    for part, share in zip(parts, mixture_shares(nsamples, len(parts)), strict=True):
+        if part == "self":
+            if model_dir is None:
+                raise CalibrationError("--calib self samples the model itself: it needs the model folder")
+            pieces.append(generate_self_calibration(model_dir, tokenizer, share, seqlen, seed, device=device,
+                                                    quiet=quiet))
+        else:
+            pieces.append(load_calibration(part, tokenizer, share, seqlen, seed))
+    return torch.cat(pieces)
 
 
 def load_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

@@ -155,22 +155,17 @@ class StreamingPruner:
         return ids
 
     def _make_calibration_ids(self) -> torch.Tensor:
-        from .calibration import CalibrationError, generate_self_calibration, load_calibration
+        from .calibration import CalibrationError, calibration_ids
 
         o = self.options
         if o.calib == "random":  # benchmarks on tokenizer-less random checkpoints; no text needed
             gen = torch.Generator().manual_seed(o.seed)
             return torch.randint(0, self.shape.vocab_size, (o.nsamples, o.seqlen), generator=gen)
-        tokenizer = self._tokenizer()
         try:
-            if o.calib == "self":
-                ids = generate_self_calibration(self.model_dir, tokenizer, o.nsamples, o.seqlen, o.seed,
-                                                device=str(self.device), quiet=self.quiet)
-            else:
-                ids = load_calibration(o.calib, tokenizer, o.nsamples, o.seqlen, o.seed)
+            return calibration_ids(o.calib, self._tokenizer(), o.nsamples, o.seqlen, o.seed, self.model_dir,
+                                   device=str(self.device), quiet=self.quiet)
         except CalibrationError as exc:
             raise StreamPruneError(str(exc)) from None
-        return ids
 
     def _tokenizer(self):
         from .loading import load_tokenizer

@@ -372,3 +372,41 @@ def test_self_calibration_samples_every_sequence_at_once_with_a_progress_bar(tin
     # Batching only changes the order of the random draws, never the kind of sample.
     split = generate_self_calibration(tiny_llama, tok, nsamples=6, seqlen=9, seed=0, batch_size=2)
     assert split.shape == ids.shape and (split[:, 0] == BOS_ID).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixtures "A+B"
+
+
+def test_mixture_draws_equal_shares_in_order(tmp_path, tiny_llama, tok):
+    a = _write(tmp_path / "a.txt", "\n\n".join(DOCS[:2] * 10))
+    b = _write(tmp_path / "b.txt", "\n\n".join(DOCS[2:4] * 10))
+    ids = calibration.calibration_ids(f"{a}+{b}+self", tok, 7, SEQLEN, seed=4, model_dir=tiny_llama)
+    assert ids.shape == (7, SEQLEN)
+    assert torch.equal(ids[:3], load_calibration(str(a), tok, 3, SEQLEN, seed=4))
+    assert torch.equal(ids[3:5], load_calibration(str(b), tok, 2, SEQLEN, seed=4))
+    assert torch.equal(ids[5:], generate_self_calibration(tiny_llama, tok, 2, SEQLEN, seed=4))
+    assert describe_source(f"{a} + {b}").startswith("file a.txt (") and " + file b.txt (" in describe_source(f"{a}+{b}")
+
+
+def test_a_file_named_with_a_plus_is_one_source(tmp_path, tok):
+    path = _write(tmp_path / "wiki+news.txt", "\n\n".join(DOCS))
+    assert calibration.split_sources(str(path)) == [str(path)]
+    assert torch.equal(calibration.calibration_ids(str(path), tok, 2, SEQLEN, seed=0),
+                       load_calibration(str(path), tok, 2, SEQLEN, seed=0))
+
+
+@pytest.mark.parametrize("spec, nsamples, message", [
+    ("builtin+", 4, "calibration mixture 'builtin+' has an empty part; write it as SOURCE+SOURCE"),
+    ("builtin+builtin+builtin", 2, "--nsamples 2 is fewer than the 3 calibration sources mixed; use at least 3"),
+])
+def test_mixture_errors_are_one_line(tok, spec, nsamples, message):
+    with pytest.raises(CalibrationError) as err:
+        calibration.calibration_ids(spec, tok, nsamples, SEQLEN, seed=0)
+    assert str(err.value) == message
+
+
+def test_mixture_shares():
+    assert calibration.mixture_shares(7, 3) == [3, 2, 2]
+    assert calibration.mixture_shares(128, 2) == [64, 64]
+    assert calibration.mixture_shares(5, 1) == [5]

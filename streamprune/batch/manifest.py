@@ -109,9 +109,12 @@ def _resolve(base: Path, value: str) -> str:
 
 
 def _calib_path(base: Path, calib: str) -> str:
-    """Calibration files are relative to the manifest; dataset specs and 'self' are left alone."""
+    """Calibration files are relative to the manifest, also inside a mixture A+B; dataset specs, 'self' and
+    'builtin' are left alone."""
+    if "+" in calib and not (base / calib).exists():
+        return "+".join(_calib_path(base, part.strip()) for part in calib.split("+"))
     looks_like_file = Path(calib).suffix.lower() in CALIB_FILE_SUFFIXES or (base / calib).exists()
-    return _resolve(base, calib) if calib != "self" and looks_like_file else calib
+    return _resolve(base, calib) if calib not in ("self", "builtin") and looks_like_file else calib
 
 
 def _parse_row(row: dict, keys: dict[str, tuple[str, bool]], number: int, base: Path) -> Job:
