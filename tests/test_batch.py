@@ -52,6 +52,16 @@ def test_csv_accepts_field_names_cli_spellings_and_typed_cells(tmp_path):
     assert a.log_path == str(tmp_path / "out" / "a.log")
 
 
+def test_manifest_resolves_each_file_of_a_calibration_mixture(tmp_path):
+    (tmp_path / "calib.txt").write_text("text")
+    manifest = _csv(tmp_path / "jobs.csv", "model_dir,out_dir,ratio,calib",
+                    "m,out/a,0.2,calib.txt+builtin+self",
+                    "m,out/b,0.2,wikitext:wikitext-2-raw-v1:train+data/more.txt")
+    a, b = load_manifest(manifest)
+    assert a.options["calib"] == f"{tmp_path / 'calib.txt'}+builtin+self"
+    assert b.options["calib"] == f"wikitext:wikitext-2-raw-v1:train+{tmp_path / 'data' / 'more.txt'}"
+
+
 def test_yaml_manifest_reads_like_csv(tmp_path):
     (tmp_path / "jobs.yaml").write_text(
         "- {model_dir: m, out_dir: out/a, ratio: 0.2, gqa-mode: groups, no-greedy: true, batch-size: 4}\n"

@@ -212,3 +212,9 @@ def test_every_method_option_hits_the_target_and_lowers_the_removal_error(models
     assert fits
     if options.get("target") != "dense":  # a dense-model target is not the sub-layer's own output
         assert all(fit["mse_recovered"] <= fit["mse_removed"] * (1 + 1e-6) for fit in fits)
+
+
+def test_a_calibration_mixture_runs_through_the_engine(models, calib_file, tmp_path):
+    calib = f"{calib_file}+self"
+    report = streamprune.prune(models("llama-gqa"), tmp_path / "out", 0.3, calib=calib, **CALIB).report
+    assert report["options"]["calib"] == calib and abs(report["achieved_ratio"] - 0.3) <= 0.005
