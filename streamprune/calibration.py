@@ -409,6 +409,7 @@ def _load_model(model_dir, device: str):
     from .devices import resolve_device
 
     device = resolve_device(device)
+    _check_model_fits(model_dir, device)
     # float32 on CPU (half-precision matmuls there are slow); the checkpoint's own dtype elsewhere.
     dtype = torch.float32 if device.type == "cpu" else "auto"
     try:
@@ -418,6 +419,24 @@ def _load_model(model_dir, device: str):
         raise CalibrationError(f"cannot load the model from {model_dir} for --calib self ({detail}); "
                                f"use a text source instead") from None
     return model.to(device).eval()
+
+
+def _check_model_fits(model_dir, device: torch.device, headroom: float = 0.9) -> None:
+    """Refuse in one line, before loading, a model that would not fit: 'self' is the one place where streamprune
+    holds a whole model, and an out-of-memory kill halfway through loading says nothing useful."""
+    from .checkpoint import CheckpointReader
+    from .devices import free_memory_bytes
+
+    try:
+        reader = CheckpointReader(model_dir)
+    except (OSError, StreamPruneError):
+        return  # not a readable safetensors folder: the loader below gives its own error
+    itemsize = 4 if device.type == "cpu" else reader.storage_dtype().itemsize
+    needed, free = reader.parameter_count() * itemsize, free_memory_bytes(device)
+    if needed > headroom * free:
+        raise CalibrationError(f"--calib self loads the whole model ({needed / 1e9:.1f} GB on {device}), but only "
+                               f"{free / 1e9:.1f} GB is free there; use a text source (pruning itself streams "
+                               f"one layer at a time)")
 
 
 def _banned_ids(tokenizer, vocab: int) -> torch.Tensor:

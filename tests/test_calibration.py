@@ -410,3 +410,13 @@ def test_mixture_shares():
     assert calibration.mixture_shares(7, 3) == [3, 2, 2]
     assert calibration.mixture_shares(128, 2) == [64, 64]
     assert calibration.mixture_shares(5, 1) == [5]
+
+
+def test_self_calibration_refuses_a_model_larger_than_free_memory(tiny_llama, tok, monkeypatch):
+    monkeypatch.setattr("streamprune.devices.free_memory_bytes", lambda device: 1000)
+    with pytest.raises(CalibrationError) as err:
+        generate_self_calibration(tiny_llama, tok, 2, 8, seed=0)
+    message = str(err.value)
+    assert message.startswith("--calib self loads the whole model (")
+    assert "GB on cpu), but only 0.0 GB is free" in message
+    assert "\n" not in message and "use a text source" in message
