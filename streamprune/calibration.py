@@ -11,8 +11,8 @@ Behaviour (what SlimLLM / LLM-Pruner do, made explicit):
   ``wikitext`` rows are lines of running articles, not documents, so they are joined into one stream.
 * Mixtures: ``A+B[+C...]`` (for example ``wikitext:wikitext-2-raw-v1:train+self``) draws an equal share of
   the ``nsamples`` windows from each source (the first sources take the remainder), each source with the
-  same seed. Varied calibration text generalises better than one genre (docs/results.md). A file whose
-  name contains ``+`` is still one source when it exists.
+  same seed. Text like what the model will serve helps most, and a mixture covers several kinds
+  (docs/results.md, "Calibration text"). A file whose name contains ``+`` is still one source when it exists.
 * Documents are tokenized without special tokens and concatenated with the tokenizer's EOS *between*
   them (none when the tokenizer has no EOS). No BOS appears inside the stream.
 * Windows: ``nsamples`` random start offsets drawn with ``random.Random(seed)``; windows may overlap

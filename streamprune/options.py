@@ -118,10 +118,7 @@ class PruneOptions:
 
     def validate(self) -> None:
         """Raise a one-line StreamPruneError naming the first option out of its allowed values."""
-        for f in dataclasses.fields(self):
-            problem = option_problem(f.name, getattr(self, f.name))
-            if problem:
-                raise StreamPruneError(problem)
+        check_options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     def result_options(self) -> dict:
         """The options that decide the output (what a finished or resumable run must match)."""
