@@ -88,6 +88,8 @@ def describe_source(source: str) -> str:
         return " + ".join(describe_source(part) for part in parts)
     if source == "self":
         return "self-generated samples from the model"
+    if source == "random":  # the engine's tokenizer-free benchmark input
+        return "random token ids"
     if source == BUILTIN:
         return f"built-in English prose ({_human_size(BUILTIN_TEXT.stat().st_size)}, shipped with streamprune)"
     path = Path(source).expanduser()

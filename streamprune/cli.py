@@ -150,6 +150,7 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cac
     """
     import json
 
+    from .calibration import describe_source
     from .engine import StreamingPruner
     from .options import PruneOptions
 
@@ -166,6 +167,7 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cac
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
+    click.echo(f"calibration: {describe_source(options['calib'])}, {options['nsamples']} x {options['seqlen']} tokens")
     click.echo(
         f"pruned {r['params_before']:,} -> {r['params_after']:,} parameters "
         f"({r['achieved_ratio']:.2%} removed, target {options['ratio']:.2%}) in "

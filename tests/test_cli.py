@@ -14,6 +14,7 @@ def test_run_prints_a_summary_and_writes_the_model(models, calib_file, tmp_path)
                                        str(calib_file), "--nsamples", "4", "--seqlen", "16", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "removed, target 20.00%" in result.output
+    assert "calibration: file calib.txt (" in result.output and ", 4 x 16 tokens" in result.output
     assert (out / "config.json").is_file()
 
 
