@@ -63,9 +63,10 @@ class CalibrationError(StreamPruneError, ValueError):
 # Sources
 
 
-def split_sources(spec: str) -> list[str]:
-    """The sources of a mixture ``A+B`` (one source when ``spec`` is an existing file or has no ``+``)."""
-    if "+" not in spec or Path(spec).expanduser().exists():
+def split_sources(spec: str, base: Path = Path()) -> list[str]:
+    """The sources of a mixture ``A+B`` (one source when ``spec`` is an existing file, relative paths taken from
+    ``base``, or has no ``+``)."""
+    if "+" not in spec or (base / Path(spec).expanduser()).exists():
         return [spec]
     parts = [part.strip() for part in spec.split("+")]
     if not all(parts):

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..calibration import FILE_SUFFIXES as CALIB_FILE_SUFFIXES
+from ..calibration import split_sources
 from ..errors import StreamPruneError
 from ..options import PruneOptions, cli_flag, plain_type
 from ..options import fields as option_fields
@@ -111,8 +112,9 @@ def _resolve(base: Path, value: str) -> str:
 def _calib_path(base: Path, calib: str) -> str:
     """Calibration files are relative to the manifest, also inside a mixture A+B; dataset specs, 'self' and
     'builtin' are left alone."""
-    if "+" in calib and not (base / calib).exists():
-        return "+".join(_calib_path(base, part.strip()) for part in calib.split("+"))
+    parts = split_sources(calib, base)
+    if len(parts) > 1:
+        return "+".join(_calib_path(base, part) for part in parts)
     looks_like_file = Path(calib).suffix.lower() in CALIB_FILE_SUFFIXES or (base / calib).exists()
     return _resolve(base, calib) if calib not in ("self", "builtin") and looks_like_file else calib
 
