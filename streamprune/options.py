@@ -81,7 +81,7 @@ class PruneOptions:
     attention_scale: float | None = _option(
         None, low=0,
         help="A layer at ratio r prunes a share min(attention_scale * r, 1) of its attention heads and r of its "
-             "FFN channels (0 keeps every head) [default: 0 below 35 %, else 1; the paper: 1].")
+             "FFN channels (0 keeps every head) [default: 0 below 35 %, else 0.75; the paper: 1].")
     regression: bool = _option(True, flag="--no-regression",
                                help="Ablation: no linear-regression recovery of o_proj / down_proj.")
     recovery: str = _option(

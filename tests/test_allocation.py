@@ -49,15 +49,19 @@ def test_uniform_allocation_prunes_every_layer_equally():
     assert max(p.prune_channels for p in alloc.plans) - min(p.prune_channels for p in alloc.plans) <= 1
 
 
-def test_default_attention_share_keeps_heads_below_35_percent_and_follows_the_paper_above():
+def test_default_attention_share_keeps_heads_below_35_percent_and_three_quarters_of_the_ffn_rate_above():
     shape = read_shape(LLAMA7B)
     low = solve_allocation(shape, LLAMA7B_PARAMS, 0.2, _scores(32))
     assert low.attention_scale == 0.0 and all(p.prune_units_per_bucket == 0 for p in low.plans)
     assert abs(low.achieved_ratio - 0.2) < 1e-3  # the FFN takes the whole budget
     high = solve_allocation(shape, LLAMA7B_PARAMS, 0.5, _scores(32))
+    explicit = solve_allocation(shape, LLAMA7B_PARAMS, 0.5, _scores(32), attention_scale=0.75)
     paper = solve_allocation(shape, LLAMA7B_PARAMS, 0.5, _scores(32), attention_scale=1.0)
-    assert high.attention_scale == 1.0 and high.plans == paper.plans
-    assert default_attention_scale(0.34) == 0.0 and default_attention_scale(0.35) == 1.0
+    assert high.attention_scale == 0.75 and high.plans == explicit.plans
+    heads = [sum(p.prune_units_per_bucket for p in a.plans) for a in (high, paper)]
+    assert 0 < heads[0] < heads[1]  # fewer heads than the paper's equal share, more channels
+    assert abs(high.achieved_ratio - 0.5) < 1e-3
+    assert default_attention_scale(0.34) == 0.0 and default_attention_scale(0.35) == 0.75
 
 
 def test_attention_scale_moves_removal_between_heads_and_channels_at_the_same_total():
