@@ -9,7 +9,8 @@ then a few single channels are added or removed so the total lands on the target
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -134,7 +135,7 @@ def layer_multipliers(scores: list[float] | None, num_layers: int, alpha: float,
     return m.tolist()
 
 
-class _Counter:
+class RemovalCounter:
     """Parameters removed by a layer at ratio r, after rounding and caps (monotone in r)."""
 
     def __init__(self, shape: ModelShape, units: HeadUnits, regression: bool, attention_scale: float = 1.0):
@@ -182,7 +183,7 @@ def solve_allocation(
     units = head_units(shape, gqa_mode)
     if attention_scale is None:
         attention_scale = default_attention_scale(target_ratio)
-    counter = _Counter(shape, units, regression, attention_scale)
+    counter = RemovalCounter(shape, units, regression, attention_scale)
     L = shape.num_layers
     if scores is None:
         alpha_used, k = None, L
@@ -230,7 +231,7 @@ def _bisect_base(removed_at, target: float, max_base: float, params: int) -> flo
     return hi if abs(removed_at(hi)[0] - target) <= abs(removed_at(lo)[0] - target) else lo
 
 
-def _correct_with_channels(counts, m, counter: _Counter, target: float) -> list[tuple[int, int]]:
+def _correct_with_channels(counts, m, counter: RemovalCounter, target: float) -> list[tuple[int, int]]:
     """Add or remove single FFN channels (the finest unit) in pruned layers, most redundant first."""
     counts = list(counts)
     deficit = target - sum(counter.removed(u, ch) for u, ch in counts)
@@ -251,3 +252,35 @@ def _correct_with_channels(counts, m, counter: _Counter, target: float) -> list[
         if not moved:
             break
     return counts
+
+
+def equal_budget_plans(plan: LayerPlan, shape: ModelShape, units: HeadUnits, regression: bool,
+                       max_candidates: int = 4) -> list[LayerPlan]:
+    """The splits of `plan`'s parameter budget between attention units and FFN channels (`--split search`).
+
+    Units pruned per bucket 0, s, 2s, ... (s chosen so there are at most `max_candidates`) and the plan's
+    own count, each with the number of FFN channels whose removal is closest to the plan's. A split that
+    would need more channels than the layer has, or misses the budget by more than one channel's
+    parameters, is left out; the plan itself is always a candidate.
+    """
+    counter = RemovalCounter(shape, units, regression)
+    budget = counter.removed(plan.prune_units_per_bucket, plan.prune_channels)
+    per_bucket = units.units_per_bucket
+    step = math.ceil(per_bucket / max_candidates)
+    plans = []
+    for prune_units in sorted(set(range(0, per_bucket, step)) | {plan.prune_units_per_bucket}):
+        channels = _channels_for_budget(counter, prune_units, budget)
+        if channels is not None:
+            plans.append(replace(plan, prune_units_per_bucket=prune_units, prune_channels=channels))
+    return plans
+
+
+def _channels_for_budget(counter: RemovalCounter, prune_units: int, budget: int) -> int | None:
+    """The FFN channel count that, with `prune_units` per bucket, removes closest to `budget` parameters."""
+    limit = counter.shape.intermediate_size - 1
+    guess = round((budget - counter.removed(prune_units, 0)) / counter.per_channel)
+    options = [c for c in (guess - 1, guess, guess + 1) if 0 <= c <= limit]
+    if not options:
+        return None
+    best = min(options, key=lambda c: abs(counter.removed(prune_units, c) - budget))
+    return best if abs(counter.removed(prune_units, best) - budget) <= counter.per_channel else None

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import shared_cache
-from .allocation import Allocation, head_units, solve_allocation
+from .allocation import Allocation, LayerPlan, equal_budget_plans, head_units, solve_allocation
 from .architecture import EMBEDDING, LAYER_PREFIX, ModelShape, read_shape
 from .checkpoint import (
     INDEX_NAME,
@@ -38,6 +38,7 @@ from .faults import fault_point
 from .hub import resolve_model_dir
 from .layer_pruning import (
     DenseTargets,
+    LayerResult,
     LayerRuntime,
     Timer,
     build_layer,
@@ -57,6 +58,7 @@ from .run_state import (
     run_fingerprint,
     staging_dir_for,
 )
+from .split_search import search_split
 
 # ----------------------------------------------------------------------------------------------
 # The engine
@@ -284,33 +286,82 @@ class StreamingPruner:
     def _prune_one(self, i, prefetcher, hidden, runtime, allocation, writer, state, dense=None) -> None:
         plan = allocation.plans[i]
         stored = self._layer_tensors(prefetcher, i)
-        dense_spec = self.shape.dense_layer_spec()
-        exact = _holds_exactly(runtime.dtype, self.storage_dtype)
-        with self.timer.phase("build"):  # when exact, the checkpoint copy is freed tensor by tensor
-            layer = build_layer(self.dense_config, i, stored, runtime, consume=exact)
-        if exact:  # the layer's own parameters are the stored values: no second copy of the layer
-            prefix = LAYER_PREFIX.format(i)
-            stored = {prefix + k: v for k, v in layer.state_dict().items()}
-        targets = None
-        if dense is not None:  # advance the dense stream first: its states are this layer's targets
-            with self.timer.phase("dense_forward"):
-                targets = DenseTargets(dense_forward_with_mid(layer, dense, runtime), dense)
         read_next = lambda: prefetcher.read_ahead(i + 1)  # noqa: E731
-        if runtime.device.type != "cpu":  # the layer lives in device memory: overlap its whole compute
-            read_next()
-        result = prune_layer(layer, stored, hidden, plan, self.units, dense_spec, self.options.switches(),
-                             runtime, self.timer, self.storage_dtype, weights_released=read_next, targets=targets)
-        del layer, stored
+        trials = None
+        candidates = self._split_candidates(plan)
+        if len(candidates) > 1:
+            result, trials = self._prune_searching_split(i, candidates, stored, hidden, runtime, dense, read_next)
+        else:
+            result = self._prune_with_plan(i, plan, stored, hidden, runtime, dense, read_next)
+        del stored
         self._check_finite(hidden, i)
         fault_point(f"pass2:{i}")
         with self.timer.phase("write"):
             writer.write(i + 1, result.tensors)
         spec = result.spec.to_dict()
+        dense_spec = self.shape.dense_layer_spec()
         report = result.report.to_dict()
         report.update(plan_ratio=plan.ratio, score=plan.score, params_before=_layer_params(self.shape, dense_spec),
                       params_after=_layer_params(self.shape, spec))
+        if trials is not None:
+            report["split_trials"] = [t.to_dict() for t in trials]
         state.layer_specs.append(spec)
         state.layer_reports.append(report)
+
+    def _build(self, i: int, stored: dict, runtime: LayerRuntime) -> tuple[torch.nn.Module, dict]:
+        """The layer module and the weights prune_layer slices from (its own parameters when those hold
+        the stored values exactly: then the checkpoint copy is consumed, so no second copy is kept)."""
+        exact = _holds_exactly(runtime.dtype, self.storage_dtype)
+        with self.timer.phase("build"):
+            layer = build_layer(self.dense_config, i, stored, runtime, consume=exact)
+        if exact:
+            prefix = LAYER_PREFIX.format(i)
+            stored = {prefix + k: v for k, v in layer.state_dict().items()}
+        return layer, stored
+
+    def _prune_with_plan(self, i, plan, stored, hidden, runtime, dense, read_next) -> LayerResult:
+        layer, stored = self._build(i, stored, runtime)
+        targets = None
+        if dense is not None:  # advance the dense stream first: its states are this layer's targets
+            with self.timer.phase("dense_forward"):
+                targets = DenseTargets(dense_forward_with_mid(layer, dense, runtime), dense)
+        if runtime.device.type != "cpu":  # the layer lives in device memory: overlap its whole compute
+            read_next()
+        return prune_layer(layer, stored, hidden, plan, self.units, self.shape.dense_layer_spec(),
+                           self.options.switches(), runtime, self.timer, self.storage_dtype,
+                           weights_released=read_next, targets=targets)
+
+    def _split_candidates(self, plan: LayerPlan) -> list[LayerPlan]:
+        """The splits of the layer's budget to try: the plan alone unless `--split search` has a choice."""
+        if self.options.split != "search" or not (plan.prunes_attention or plan.prunes_mlp):
+            return [plan]
+        return equal_budget_plans(plan, self.shape, self.units, self.options.regression)
+
+    def _prune_searching_split(self, i, candidates, stored, hidden, runtime, dense, read_next):
+        """`--split search`: prune the layer once per candidate split of its budget, keep the best
+        (split_search.py). Costs one dense forward plus one layer prune per candidate."""
+        copy = lambda: {k: v.clone() for k, v in stored.items()}  # noqa: E731  (each prune consumes its copy)
+        layer = self._build(i, copy(), runtime)[0]
+        targets = None
+        reference = hidden.clone()
+        with self.timer.phase("dense_forward"):
+            if dense is not None:
+                targets = DenseTargets(dense_forward_with_mid(layer, dense, runtime), dense)
+            dense_forward(layer, reference, runtime)
+        del layer
+        if runtime.device.type != "cpu":
+            read_next()
+
+        def prune(candidate: LayerPlan, states: torch.Tensor) -> LayerResult:
+            layer, weights = self._build(i, copy(), runtime)
+            return prune_layer(layer, weights, states, candidate, self.units, self.shape.dense_layer_spec(),
+                               self.options.switches(), runtime, self.timer, self.storage_dtype, targets=targets)
+
+        result, _, trials = search_split(candidates, hidden, reference, prune, runtime.batches(hidden.shape[0]))
+        stored.clear()
+        if runtime.device.type == "cpu":
+            read_next()
+        return result, trials
 
     def _copy_non_layer(self, writer: ShardWriter) -> None:
         """Embeddings, final norm and lm_head, each in its own shard, one tensor in memory at a time."""
@@ -403,7 +454,6 @@ def _holds_exactly(compute: torch.dtype, storage: torch.dtype) -> bool:
 
 
 def _allocation_from_state(saved: dict) -> Allocation:
-    from .allocation import LayerPlan
 
     s = saved["summary"]
     return Allocation([LayerPlan(**p) for p in saved["plans"]], s["params_before"], s["params_after"],

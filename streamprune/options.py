@@ -82,6 +82,12 @@ class PruneOptions:
         None, low=0,
         help="A layer at ratio r prunes a share min(attention_scale * r, 1) of its attention heads and r of its "
              "FFN channels (0 keeps every head) [default: 0 below 35 %, else 0.75; the paper: 1].")
+    split: str = _option(
+        "fixed", choices=("fixed", "search"),
+        help="How each layer's budget is split between attention heads and FFN channels: fixed by "
+             "--attention-scale, or search: the layer is pruned once per candidate split of the same budget "
+             "(up to 5) and the one whose output is closest to the dense layer's is kept (better held-out "
+             "quality from 35 %; costs one extra prune of each layer per candidate).")
     regression: bool = _option(True, flag="--no-regression",
                                help="Ablation: no linear-regression recovery of o_proj / down_proj.")
     recovery: str = _option(
@@ -128,7 +134,7 @@ class PruneOptions:
 # SlimLLM as published (METHOD.md): its calibration size, its per-row a*y+b recovery, its scores.
 # `streamprune run --paper` and `prune(..., **PAPER_METHOD)` select it.
 PAPER_METHOD = {"nsamples": 32, "recovery": "affine", "selection": "slimllm", "target": "pruned",
-                "protect_lowest": 0.0, "attention_scale": 1.0}
+                "protect_lowest": 0.0, "attention_scale": 1.0, "split": "fixed"}
 
 
 def info(f: dataclasses.Field) -> OptionInfo:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 
 from streamprune.allocation import (
+    LayerPlan,
+    RemovalCounter,
     default_attention_scale,
     default_num_pruned_layers,
+    equal_budget_plans,
+    head_units,
     layer_multipliers,
     solve_allocation,
 )
@@ -85,3 +89,34 @@ def test_every_layer_keeps_a_head_per_group_and_a_channel():
     alloc = solve_allocation(shape, SMOLLM2_PARAMS, 0.6, _scores(30))
     for plan in alloc.plans:
         assert plan.prune_units_per_bucket <= 2 and plan.prune_channels <= 1535
+
+
+@pytest.mark.parametrize(("config", "units_per_bucket"), [(SMOLLM2, 3), (LLAMA7B, 32)])
+def test_equal_budget_plans_move_the_same_budget_between_heads_and_channels(config, units_per_bucket):
+    shape = read_shape(config)
+    units = head_units(shape, "heads")
+    counter = RemovalCounter(shape, units, regression=True)
+    allocation = solve_allocation(shape, SMOLLM2_PARAMS if config is SMOLLM2 else LLAMA7B_PARAMS, 0.5,
+                                  _scores(shape.num_layers))
+    plan = min(allocation.plans, key=lambda p: abs(p.ratio - 0.5))  # room to move both ways
+    candidates = equal_budget_plans(plan, shape, units, regression=True)
+    budget = counter.removed(plan.prune_units_per_bucket, plan.prune_channels)
+    assert plan in candidates and 2 <= len(candidates) <= 5
+    assert all(abs(counter.removed(c.prune_units_per_bucket, c.prune_channels) - budget) <= counter.per_channel
+               for c in candidates)
+    assert all(0 <= c.prune_units_per_bucket < units_per_bucket for c in candidates)
+    assert all(0 < c.prune_channels < shape.intermediate_size for c in candidates)
+    by_heads = sorted(candidates, key=lambda c: c.prune_units_per_bucket)  # more heads, fewer channels
+    assert [c.prune_channels for c in by_heads] == sorted((c.prune_channels for c in by_heads), reverse=True)
+    assert by_heads[0].prune_units_per_bucket == 0
+    assert all(c.layer == plan.layer and c.ratio == plan.ratio for c in candidates)
+
+
+def test_equal_budget_plans_leave_out_splits_the_ffn_cannot_absorb():
+    shape = read_shape(SMOLLM2)
+    units = head_units(shape, "heads")
+    # Almost the whole FFN and two of three heads per group: with no head pruned the channels would not
+    # suffice, with fewer heads they must still fit; every candidate keeps at least one channel.
+    plan = LayerPlan(5, 0.9, 1.0, 0.9, 2, 1500)
+    candidates = equal_budget_plans(plan, shape, units, regression=True)
+    assert [c.prune_units_per_bucket for c in candidates] == [2]
