@@ -87,7 +87,7 @@ class PruneOptions:
         help="How each layer's budget is split between attention heads and FFN channels: fixed by "
              "--attention-scale, or search: the layer is pruned once per candidate split of the same budget "
              "(up to 5) and the one whose output is closest to the dense layer's is kept (better held-out "
-             "quality from 35 %; costs one extra prune of each layer per candidate).")
+             "quality at 20-50 % in docs/results.md; costs one extra prune of each layer per candidate).")
     regression: bool = _option(True, flag="--no-regression",
                                help="Ablation: no linear-regression recovery of o_proj / down_proj.")
     recovery: str = _option(
