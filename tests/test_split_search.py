@@ -10,6 +10,7 @@ import streamprune
 from streamprune.allocation import LayerPlan
 from streamprune.split_search import search_split, standardized_error
 from tests.conftest import CALIB
+from tests.test_robustness import FAST, _cli, output_digest
 
 
 def test_standardized_error_weights_each_dimension_by_its_dense_mean_square():
@@ -71,3 +72,17 @@ def test_fixed_split_layers_record_no_trials(pruned):
     report = pruned("llama-gqa", 0.3).report
     assert report["options"]["split"] == "fixed"
     assert not any("split_trials" in layer for layer in report["layers"])
+
+
+@pytest.mark.slow
+def test_split_search_killed_mid_run_resumes_to_the_same_output(models, calib_file, tmp_path):
+    args = ["--ratio", "0.4", "--calib", str(calib_file), "--split", "search", *FAST]
+    src = str(models("llama-sharded"))
+    clean = _cli([src, str(tmp_path / "clean"), *args])
+    assert clean.returncode == 0, clean.stderr
+    out = tmp_path / "out"
+    killed = _cli([src, str(out), *args], fault="pass2:2")
+    assert killed.returncode == -9 and not out.exists()
+    resumed = _cli([src, str(out), *args])
+    assert resumed.returncode == 0, resumed.stderr
+    assert output_digest(out) == output_digest(tmp_path / "clean")
