@@ -454,7 +454,6 @@ def _holds_exactly(compute: torch.dtype, storage: torch.dtype) -> bool:
 
 
 def _allocation_from_state(saved: dict) -> Allocation:
-
     s = saved["summary"]
     return Allocation([LayerPlan(**p) for p in saved["plans"]], s["params_before"], s["params_after"],
                       s["target_ratio"], s["base_ratio"], s["alpha"], s["pruned_layers"],
