@@ -37,19 +37,30 @@ class SplitTrial:
         return asdict(self)
 
 
-def standardized_error(output: torch.Tensor, reference: torch.Tensor, batches: list[slice]) -> float:
+def dimension_weights(reference: torch.Tensor, batches: list[slice]) -> torch.Tensor:
+    """1 / sum_t reference_td^2 per hidden dimension d (float64), accumulated batch by batch."""
+    width = reference.shape[-1]
+    square = torch.zeros(width, dtype=torch.float64)
+    for sl in batches:
+        square += reference[sl].to(torch.float64).reshape(-1, width).pow(2).sum(0).cpu()
+    return 1.0 / square.clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def standardized_error(output: torch.Tensor, reference: torch.Tensor, batches: list[slice],
+                       weights: torch.Tensor | None = None) -> float:
     """mean over tokens of sum_d (output - reference)_d^2 / m_d, with m_d the mean of reference_d^2.
 
     Accumulated batch by batch in float64, so no full-size float64 copy of the states is made.
+    `weights` are dimension_weights(reference), passed in when several outputs share one reference.
     """
+    if weights is None:
+        weights = dimension_weights(reference, batches)
     width = reference.shape[-1]
-    square = torch.zeros(width, dtype=torch.float64)
     diff = torch.zeros(width, dtype=torch.float64)
     for sl in batches:
         ref = reference[sl].to(torch.float64).reshape(-1, width)
-        square += ref.pow(2).sum(0).cpu()
         diff += (output[sl].to(torch.float64).reshape(-1, width) - ref).pow(2).sum(0).cpu()
-    return float((diff / square.clamp_min(torch.finfo(torch.float64).tiny)).sum())
+    return float((diff * weights).sum())
 
 
 def search_split(candidates: list[LayerPlan], hidden: torch.Tensor, reference: torch.Tensor,
@@ -63,10 +74,11 @@ def search_split(candidates: list[LayerPlan], hidden: torch.Tensor, reference: t
     """
     best = None
     trials = []
+    weights = dimension_weights(reference, batches)  # one reference for every candidate
     for plan in candidates:
         states = hidden.clone()
         result = prune(plan, states)
-        error = standardized_error(states, reference, batches)
+        error = standardized_error(states, reference, batches, weights)
         trials.append(SplitTrial(plan.prune_units_per_bucket, plan.prune_channels, error))
         if best is None or error < best[0]:
             best = (error, result, plan, states)
