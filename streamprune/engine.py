@@ -58,7 +58,7 @@ from .run_state import (
     run_fingerprint,
     staging_dir_for,
 )
-from .split_search import search_split
+from .split_search import search_split, split_trial_rows
 
 # ----------------------------------------------------------------------------------------------
 # The engine
@@ -339,29 +339,41 @@ class StreamingPruner:
 
     def _prune_searching_split(self, i, candidates, stored, hidden, runtime, dense, read_next):
         """`--split search`: prune the layer once per candidate split of its budget, keep the best
-        (split_search.py). Costs one dense forward plus one layer prune per candidate."""
+        (split_search.py). Costs one dense forward plus one layer prune per candidate, on all calibration
+        sequences or, with `--split-samples`, on an evenly spaced subset followed by one prune on all."""
+        rows = split_trial_rows(hidden.shape[0], self.options.split_samples)
+        if rows is None:
+            on_cpu = runtime.device.type == "cpu"
+            if not on_cpu:  # the weights go to the device per candidate: overlap the next read with all of it
+                read_next()
+            result, _, trials = self._search_split(i, candidates, stored, hidden, runtime, dense)
+            stored.clear()
+            if on_cpu:
+                read_next()
+            return result, trials
+        subset_dense = None if dense is None else dense[rows]
+        _, plan, trials = self._search_split(i, candidates, stored, hidden[rows], runtime, subset_dense)
+        return self._prune_with_plan(i, plan, stored, hidden, runtime, dense, read_next), trials
+
+    def _search_split(self, i, candidates, stored, states, runtime, dense):
+        """Try every candidate on `states` (overwritten with the kept candidate's output). `stored` is copied
+        for each prune, never consumed; `dense` (the dense-target stream, or a copy of its rows) is advanced."""
         copy = lambda: {k: v.clone() for k, v in stored.items()}  # noqa: E731  (each prune consumes its copy)
         layer = self._build(i, copy(), runtime)[0]
         targets = None
-        reference = hidden.clone()
+        reference = states.clone()
         with self.timer.phase("dense_forward"):
             if dense is not None:
                 targets = DenseTargets(dense_forward_with_mid(layer, dense, runtime), dense)
             dense_forward(layer, reference, runtime)
         del layer
-        if runtime.device.type != "cpu":
-            read_next()
 
-        def prune(candidate: LayerPlan, states: torch.Tensor) -> LayerResult:
+        def prune(candidate: LayerPlan, trial_states: torch.Tensor) -> LayerResult:
             layer, weights = self._build(i, copy(), runtime)
-            return prune_layer(layer, weights, states, candidate, self.units, self.shape.dense_layer_spec(),
+            return prune_layer(layer, weights, trial_states, candidate, self.units, self.shape.dense_layer_spec(),
                                self.options.switches(), runtime, self.timer, self.storage_dtype, targets=targets)
 
-        result, _, trials = search_split(candidates, hidden, reference, prune, runtime.batches(hidden.shape[0]))
-        stored.clear()
-        if runtime.device.type == "cpu":
-            read_next()
-        return result, trials
+        return search_split(candidates, states, reference, prune, runtime.batches(states.shape[0]))
 
     def _copy_non_layer(self, writer: ShardWriter) -> None:
         """Embeddings, final norm and lm_head, each in its own shard, one tensor in memory at a time."""

@@ -88,6 +88,11 @@ class PruneOptions:
              "--attention-scale, or search: the layer is pruned once per candidate split of the same budget "
              "(up to 5) and the one whose output is closest to the dense layer's is kept (better held-out "
              "quality at 20-50 % in docs/results.md; costs one extra prune of each layer per candidate).")
+    split_samples: int = _option(
+        0, low=0,
+        help="Calibration sequences the --split search tries its candidates on: 0 for all of them, or an evenly "
+             "spaced subset of that many, after which the chosen split is pruned once on all sequences (less time "
+             "and memory per candidate).")
     regression: bool = _option(True, flag="--no-regression",
                                help="Ablation: no linear-regression recovery of o_proj / down_proj.")
     recovery: str = _option(

@@ -63,6 +63,14 @@ def standardized_error(output: torch.Tensor, reference: torch.Tensor, batches: l
     return float((diff * weights).sum())
 
 
+def split_trial_rows(num_sequences: int, samples: int) -> torch.Tensor | None:
+    """The calibration sequences the split trials run on: None for all of them (`samples` 0 or >= the
+    count), else `samples` evenly spaced indices, so a mixture's sources keep their shares."""
+    if samples <= 0 or samples >= num_sequences:
+        return None
+    return torch.arange(samples) * num_sequences // samples
+
+
 def search_split(candidates: list[LayerPlan], hidden: torch.Tensor, reference: torch.Tensor,
                  prune: Callable[[LayerPlan, torch.Tensor], object],
                  batches: list[slice]) -> tuple[object, LayerPlan, list[SplitTrial]]:

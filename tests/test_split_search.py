@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import streamprune
+from streamprune import engine
 from streamprune.allocation import LayerPlan
-from streamprune.split_search import search_split, standardized_error
+from streamprune.split_search import search_split, split_trial_rows, standardized_error
 from tests.conftest import CALIB
 from tests.test_robustness import FAST, _cli, output_digest
 
@@ -66,6 +67,38 @@ def test_engine_keeps_the_split_with_the_least_error_in_every_layer(models, cali
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert sum(p.numel() for p in model.parameters()) == report["params_after"]
     assert torch.isfinite(model(torch.tensor([[1, 40, 41, 42]])).logits).all()
+
+
+def test_split_trial_rows_are_evenly_spaced_or_all():
+    assert split_trial_rows(8, 0) is None and split_trial_rows(8, 8) is None and split_trial_rows(8, 20) is None
+    assert split_trial_rows(8, 3).tolist() == [0, 2, 5]
+    assert split_trial_rows(128, 32).tolist() == list(range(0, 128, 4))
+
+
+def test_split_samples_tries_candidates_on_a_subset_then_prunes_on_all(models, calib_file, tmp_path, monkeypatch):
+    seen = []  # calibration sequences handed to each layer prune, in order
+    real_prune_layer = engine.prune_layer
+
+    def recording_prune_layer(layer, stored, hidden, plan, *args, **kwargs):
+        seen.append((plan.layer, hidden.shape[0], plan.prune_units_per_bucket, plan.prune_channels))
+        return real_prune_layer(layer, stored, hidden, plan, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "prune_layer", recording_prune_layer)
+    report = streamprune.prune(models("llama-gqa"), tmp_path / "out", 0.4, calib=str(calib_file), split="search",
+                               split_samples=3, **CALIB).report
+    assert report["options"]["split_samples"] == 3
+    for layer in report["layers"]:
+        calls = [c for c in seen if c[0] == layer["layer"]]
+        if "split_trials" not in layer:
+            assert [c[1] for c in calls] == [8]  # nothing to choose: one prune on all sequences
+            continue
+        trials = layer["split_trials"]
+        assert [c[1] for c in calls] == [3] * len(trials) + [8]  # trials on the subset, then all sequences
+        best = min(trials, key=lambda t: t["error"])
+        assert calls[-1][2:] == (best["prune_units_per_bucket"], best["prune_channels"])
+        assert layer["channels_kept"] == layer["channels_total"] - best["prune_channels"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert sum(p.numel() for p in model.parameters()) == report["params_after"]
 
 
 def test_fixed_split_layers_record_no_trials(pruned):
