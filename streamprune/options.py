@@ -130,6 +130,9 @@ class PruneOptions:
     def validate(self) -> None:
         """Raise a one-line StreamPruneError naming the first option out of its allowed values."""
         check_options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        if self.split_samples and self.split != "search":
+            raise StreamPruneError(f"--split-samples {self.split_samples} applies to --split search only; "
+                                   "add --split search or drop --split-samples")
 
     def result_options(self) -> dict:
         """The options that decide the output (what a finished or resumable run must match)."""

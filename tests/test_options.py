@@ -46,6 +46,8 @@ def test_negated_flags_turn_the_option_off():
     ({"recovery": "svd"}, "--recovery must be one of lstsq, affine, got 'svd'"),
     ({"num_pruned_layers": 0}, "--layers must be at least 1, got 0"),
     ({"attention_scale": -1.0}, "--attention-scale must be at least 0, got -1.0"),
+    ({"split_samples": -1, "split": "search"}, "--split-samples must be at least 0, got -1"),
+    ({"split_samples": 32}, "--split-samples 32 applies to --split search only; add --split search or drop"),
 ])
 def test_validate_names_the_flag_and_the_range(changes, message):
     with pytest.raises(StreamPruneError, match=message):

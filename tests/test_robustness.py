@@ -120,6 +120,7 @@ BAD_ARGUMENTS = [
     (["--device", "mps"], "unsupported device 'mps'"),
     (["--device", "nonsense:x"], "unknown device"),
     (["--dtype", "int8"], "unknown --dtype 'int8'"),
+    (["--split-samples", "4"], "--split-samples 4 applies to --split search only"),
 ]
 
 
