@@ -196,8 +196,10 @@ def test_fp16_compute_matches_fp32_compute(models, calib_file, tmp_path):
 @pytest.mark.parametrize(
     "options",
     [{"paper": None}, {"selection": "refit"}, {"target": "dense"}, {"protect_lowest": 0.1},
-     {"selection": "refit", "gqa_mode": "groups"}, {"split": "search", "target": "dense"}],
-    ids=["paper", "refit-selection", "dense-target", "protect-lowest", "refit-groups", "split-search-dense-target"],
+     {"selection": "refit", "gqa_mode": "groups"}, {"split": "search", "target": "dense"},
+     {"split": "search", "split_samples": 3, "target": "dense"}],
+    ids=["paper", "refit-selection", "dense-target", "protect-lowest", "refit-groups", "split-search-dense-target",
+         "split-subset-dense-target"],
 )
 def test_every_method_option_hits_the_target_and_lowers_the_removal_error(models, calib_file, tmp_path, options):
     if "paper" in options:

@@ -108,8 +108,9 @@ def test_fixed_split_layers_record_no_trials(pruned):
 
 
 @pytest.mark.slow
-def test_split_search_killed_mid_run_resumes_to_the_same_output(models, calib_file, tmp_path):
-    args = ["--ratio", "0.4", "--calib", str(calib_file), "--split", "search", *FAST]
+@pytest.mark.parametrize("subset", [[], ["--split-samples", "3"]], ids=["all-sequences", "subset"])
+def test_split_search_killed_mid_run_resumes_to_the_same_output(models, calib_file, tmp_path, subset):
+    args = ["--ratio", "0.4", "--calib", str(calib_file), "--split", "search", *subset, *FAST]
     src = str(models("llama-sharded"))
     clean = _cli([src, str(tmp_path / "clean"), *args])
     assert clean.returncode == 0, clean.stderr
