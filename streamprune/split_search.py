@@ -6,7 +6,9 @@ candidate split of the same parameter budget (allocation.equal_budget_plans), ea
 its calibration hidden states, and the split whose output is closest to the dense layer's output on
 the same input is kept. The attention and the FFN of one layer write into the same residual stream,
 so their errors are comparable there; across layers they are not (docs/results.md, the error-driven
-allocation), which is why the budget of each layer still comes from the allocation.
+allocation), which is why the budget of each layer still comes from the allocation. With `--split-samples n`
+the candidates are tried on n evenly spaced calibration sequences (split_trial_rows) and the engine then prunes
+the chosen split once on all of them.
 
 The distance weights each hidden dimension by the inverse of its mean square in the dense output.
 LLaMA-family models carry a few "massive activation" dimensions (SmolLM2: mean square about 8,100
