@@ -87,6 +87,7 @@ def test_split_samples_tries_candidates_on_a_subset_then_prunes_on_all(models, c
     report = streamprune.prune(models("llama-gqa"), tmp_path / "out", 0.4, calib=str(calib_file), split="search",
                                split_samples=3, **CALIB).report
     assert report["options"]["split_samples"] == 3
+    assert any("split_trials" in layer for layer in report["layers"])  # the subset path really ran
     for layer in report["layers"]:
         calls = [c for c in seen if c[0] == layer["layer"]]
         if "split_trials" not in layer:
