@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from .checkpoint import (
     read_json,
     write_json,
 )
-from .devices import resolve_device, resolve_dtype
+from .devices import free_memory_bytes, resolve_device, resolve_dtype
 from .errors import StreamPruneError
 from .faults import fault_point
 from .hub import resolve_model_dir
@@ -50,6 +50,7 @@ from .memory import peak_rss_mb, return_freed_memory_promptly
 from .options import PAPER_METHOD, PruneOptions
 from .output import HFFolderOutput, read_report
 from .prefetch import LayerPrefetcher
+from .reconstruction import ReconstructionMemory, WindowSizes, reconstruction_memory
 from .run_state import (
     RunState,
     StopFlag,
@@ -264,7 +265,7 @@ class StreamingPruner:
             return
         hidden = self._load_hidden(state) if done else self._embed(ids)
         dense_stream = None
-        if self.options.switches().dense_target:
+        if self.options.keeps_dense_stream():
             dense_stream = self._load_hidden(state, "dense") if done else hidden.clone()
         runtime = self._runtime(hidden)
         bar = tqdm(range(done, L), desc="pass 2/2 (prune)", disable=self.quiet, unit="layer", initial=done, total=L)
@@ -321,15 +322,21 @@ class StreamingPruner:
 
     def _prune_with_plan(self, i, plan, stored, hidden, runtime, dense, read_next) -> LayerResult:
         layer, stored = self._build(i, stored, runtime)
-        targets = None
-        if dense is not None:  # advance the dense stream first: its states are this layer's targets
-            with self.timer.phase("dense_forward"):
-                targets = DenseTargets(dense_forward_with_mid(layer, dense, runtime), dense)
+        targets = self._dense_targets(layer, dense, runtime)
         if runtime.device.type != "cpu":  # the layer lives in device memory: overlap its whole compute
             read_next()
         return prune_layer(layer, stored, hidden, plan, self.units, self.shape.dense_layer_spec(),
                            self.options.switches(), runtime, self.timer, self.storage_dtype,
                            weights_released=read_next, targets=targets)
+
+    def _dense_targets(self, layer, dense: torch.Tensor | None, runtime: LayerRuntime) -> DenseTargets | None:
+        """Advance the dense stream through the dense layer (in place); its states are this layer's targets.
+        The layer's input on the dense stream is kept too when reconstruction learns from it."""
+        if dense is None:
+            return None
+        inp = dense.clone() if self.options.reconstruct != "off" else None
+        with self.timer.phase("dense_forward"):
+            return DenseTargets(dense_forward_with_mid(layer, dense, runtime), dense, inp)
 
     def _split_candidates(self, plan: LayerPlan) -> list[LayerPlan]:
         """The splits of the layer's budget to try: the plan alone unless `--split search` has a choice."""
@@ -360,11 +367,9 @@ class StreamingPruner:
         for each prune, never consumed; `dense` (the dense-target stream, or a copy of its rows) is advanced."""
         copy = lambda: {k: v.clone() for k, v in stored.items()}  # noqa: E731  (each prune consumes its copy)
         layer = self._build(i, copy(), runtime)[0]
-        targets = None
+        targets = self._dense_targets(layer, dense, runtime)
         reference = states.clone()
         with self.timer.phase("dense_forward"):
-            if dense is not None:
-                targets = DenseTargets(dense_forward_with_mid(layer, dense, runtime), dense)
             dense_forward(layer, reference, runtime)
         del layer
 
@@ -374,6 +379,40 @@ class StreamingPruner:
                                self.options.switches(), runtime, self.timer, self.storage_dtype, targets=targets)
 
         return search_split(candidates, states, reference, prune, runtime.batches(states.shape[0]))
+
+    def reconstruction_memory(self, allocation: Allocation) -> ReconstructionMemory | None:
+        """The largest per-layer peak of the reconstruction windows under this allocation (None when off)."""
+        settings = self.options.reconstruction()
+        if settings is None:
+            return None
+        s, u = self.shape, self.units
+        compute_bytes = torch.empty((), dtype=self.dtype).element_size()
+        worst = None
+        for plan in allocation.plans:
+            removed_units = plan.prune_units_per_bucket * u.num_buckets
+            sizes = WindowSizes(s.hidden_size, s.num_heads - removed_units * u.heads_per_unit,
+                                s.num_kv_heads - removed_units * u.kv_heads_per_unit, s.head_dim,
+                                s.intermediate_size - plan.prune_channels, 3 * s.hidden_size * s.intermediate_size)
+            windows = tuple(w for w in settings.windows
+                            if (plan.prunes_attention if w == "attention" else plan.prunes_mlp))
+            memory = reconstruction_memory(sizes, replace(settings, windows=windows), self.options.nsamples,
+                                           self.options.seqlen, compute_bytes, self.options.switches().dense_target)
+            if worst is None or memory.device_bytes > worst.device_bytes:
+                worst = memory
+        return worst
+
+    def _check_reconstruction_fits(self, allocation: Allocation) -> None:
+        """Refuse, in one line and before pass 2, a reconstruction whose estimated peak exceeds the memory
+        the compute device has free."""
+        memory = self.reconstruction_memory(allocation)
+        if memory is None or not memory.device_bytes:
+            return
+        free = free_memory_bytes(self.device)
+        if memory.device_bytes > free:
+            raise StreamPruneError(
+                f"--reconstruct needs about {memory.device_bytes / 2**30:.1f} GiB on {self.device} for the "
+                f"{memory.window} window ({memory.describe()}) but {free / 2**30:.1f} GiB is free; lower "
+                "--reconstruct-batch or --nsamples, use --reconstruct-inputs pruned, or --reconstruct off")
 
     def _copy_non_layer(self, writer: ShardWriter) -> None:
         """Embeddings, final norm and lm_head, each in its own shard, one tensor in memory at a time."""
@@ -425,6 +464,7 @@ class StreamingPruner:
                 state.hidden_file = None  # pass 2 starts from the embeddings again
                 state.save()
             allocation = _allocation_from_state(state.allocation)
+            self._check_reconstruction_fits(allocation)
             with self.timer.phase("pass2"):
                 self._pass2_prune(state, ids, allocation, writer)
             self._copy_non_layer(writer)

@@ -7,6 +7,7 @@ is updated in place, batch by batch, so the layer's output becomes the next laye
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from .architecture import LAYER_PREFIX, adapter_of
 from .least_squares import CrossMoments
 from .method_parts import ChannelStatistics, DownProjInput, HeadProblem, LayerReport, MethodParts, MethodSwitches
 from .modeling import StreamPruneConfig, StreamPruneDecoderLayer
+from .reconstruction import WINDOWS, WindowTrainer
 from .scoring import MomentAccumulator
 
 
@@ -110,10 +112,12 @@ def dense_forward_with_mid(layer: StreamPruneDecoderLayer, hidden: torch.Tensor,
 
 @dataclass
 class DenseTargets:
-    """The dense model's hidden states after this layer's attention block (mid) and after the layer (out)."""
+    """The dense model's hidden states after this layer's attention block (mid) and after the layer (out),
+    and its input to the layer (inp: kept only when a reconstruction window learns from the dense stream)."""
 
     mid: torch.Tensor
     out: torch.Tensor
+    inp: torch.Tensor | None = None
 
 
 @dataclass
@@ -167,9 +171,10 @@ def prune_layer(
     output tensors and activations; on CPU the engine starts reading the next layer there, so the
     read-ahead copy never coincides with the layer's memory peak.
     """
+    lstsq_targets = targets if switches.dense_target else None  # dense streams may be kept for reconstruction only
     job = LayerJob(layer, stored, hidden, plan, units, MethodParts.from_switches(switches), runtime, timer,
                    _Output(out_dtype), LayerSpec(**dense_spec), LayerReport(plan.layer),
-                   weights_released or (lambda: None), targets)
+                   weights_released or (lambda: None), lstsq_targets, targets)
     return job.run()
 
 
@@ -209,12 +214,24 @@ class LayerJob:
     spec: LayerSpec
     report: LayerReport
     weights_released: Callable[[], None]
-    targets: DenseTargets | None = None
+    targets: DenseTargets | None = None  # least squares to the dense model's states (--target dense)
+    dense_stream: DenseTargets | None = None  # the dense stream, for reconstruction from dense inputs
 
     def run(self) -> LayerResult:
         prefix = LAYER_PREFIX.format(self.plan.layer)
-        self._prune_attention(*self._attention_pass())  # its head outputs die with the call
-        self._prune_mlp()
+        windows = self._reconstruction_windows()
+        layer_input = self.hidden.clone() if "attention" in windows else None
+        from_pruned = self.parts.reconstruction is not None and self.parts.reconstruction.inputs == "pruned"
+        attention_target = self._prune_attention(*self._attention_pass(),
+                                                 keep_dense_output=from_pruned and layer_input is not None)
+        if layer_input is not None:
+            self._reconstruct("attention", layer_input, attention_target)
+            del layer_input, attention_target
+        mlp_input = self.hidden.clone() if "mlp" in windows else None
+        mlp_target = self._prune_mlp(keep_dense_output=from_pruned and mlp_input is not None)
+        if mlp_input is not None:
+            self._reconstruct("mlp", mlp_input, mlp_target)
+            del mlp_input, mlp_target
         self.out.update(self.stored)  # what the two phases did not release: the norms, unchanged
         if not torch.isfinite(self.hidden).all():
             self.report.non_finite = True
@@ -285,9 +302,14 @@ class LayerJob:
         return head_outputs, moments, cross
 
     def _prune_attention(self, head_outputs: list[torch.Tensor], moments: MomentAccumulator,
-                         cross: CrossMoments | None) -> None:
-        """Choose heads, rewrite q/k/v/o, and add the pruned, recovered attention output to `hidden`."""
+                         cross: CrossMoments | None, keep_dense_output: bool = False) -> torch.Tensor | None:
+        """Choose heads, rewrite q/k/v/o, and add the pruned, recovered attention output to `hidden`.
+
+        With `keep_dense_output`, returns the dense attention's output on this layer's input (float32, like
+        `hidden`): the target of a reconstruction from the pruned stream.
+        """
         attn, rt, units = self.layer.self_attn, self.runtime, self.units
+        dense_output = self._dense_attention_output(head_outputs) if keep_dense_output else None
         prefix = LAYER_PREFIX.format(self.plan.layer) + "self_attn."
         head_dim = attn.head_dim
         w_o = self.stored[prefix + "o_proj.weight"].to(rt.device, _at_least_float32(rt.dtype))
@@ -322,6 +344,16 @@ class LayerJob:
         r = self.report
         r.heads_kept, r.heads_total, r.kept_heads, r.kv_heads_kept = int(heads.numel()), n_heads, heads.tolist(), \
             n_kv_kept
+        return dense_output
+
+    def _dense_attention_output(self, head_outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The dense o_proj applied to every batch's head outputs (before o_proj is pruned and released)."""
+        o_proj = self.layer.self_attn.o_proj
+        output = torch.empty_like(self.hidden)
+        with self.timer.phase("forward"):
+            for sl, a in zip(self._batches(), head_outputs, strict=True):
+                output[sl] = o_proj(a).float().to(output.device)
+        return output
 
     def _write_qkv(self, attn, prefix: str, heads, keep_units, head_dim: int) -> int:
         """Kept rows of q/k/v into the output (dense ones released); returns the number of KV heads kept."""
@@ -335,8 +367,12 @@ class LayerJob:
 
     # -- FFN ------------------------------------------------------------------------------------
 
-    def _prune_mlp(self) -> None:
-        """Score channels on the pruned-attention output, rewrite gate/up/down, finish the layer output."""
+    def _prune_mlp(self, keep_dense_output: bool = False) -> torch.Tensor | None:
+        """Score channels on the pruned-attention output, rewrite gate/up/down, finish the layer output.
+
+        With `keep_dense_output` (and the FFN pruned), returns the dense FFN's output on its input (float32):
+        the target of a reconstruction from the pruned stream.
+        """
         mlp, norm, rt = self.layer.mlp, self.layer.post_attention_layernorm, self.runtime
         n_channels = mlp.gate_proj.out_features
         if not self.plan.prunes_mlp:
@@ -345,16 +381,22 @@ class LayerJob:
                     self._add_to_hidden(sl, mlp(norm(self.hidden[sl].to(rt.device, rt.dtype))).float())
             self.weights_released()
             self.report.channels_kept, self.report.channels_total = n_channels, n_channels
-            return
+            return None
         stats = self.parts.channels.statistics(mlp.gate_proj.in_features, n_channels, mlp.down_proj.out_features,
                                                self.hidden.shape[0] * self.hidden.shape[1], rt.device)
         self._ffn_statistics(stats)
+        dense_output = None
+        if keep_dense_output:
+            dense_output = torch.empty_like(self.hidden)
+            for sl, y in zip(self._batches(), stats.dense_out, strict=True):
+                dense_output[sl] = y.float().to(dense_output.device)
         choice = self.parts.channels.choose(mlp, stats, self.plan.prune_channels, self.timer)
         keep_mask = torch.ones(n_channels, dtype=torch.bool, device=choice.pruned.device)
         keep_mask[choice.pruned] = False
         kept = keep_mask.nonzero().flatten()
         self._finish_mlp(kept, stats.dense_out, choice.z_stats)
         self.report.channels_kept, self.report.channels_total = int(kept.numel()), n_channels
+        return dense_output
 
     def _ffn_statistics(self, stats: ChannelStatistics) -> None:
         """The dense FFN over the pruned-attention output: the selector's statistics and the outputs."""
@@ -416,6 +458,82 @@ class LayerJob:
         with self.timer.phase("forward"):
             for sl, x in zip(self._batches(), kept_out, strict=True):
                 self._add_to_hidden(sl, fit.output(x))
+
+    # -- reconstruction (docs/method.md "Reconstruction by gradient") -----------------------------
+
+    def _reconstruction_windows(self) -> tuple[str, ...]:
+        """The windows to reconstruct in this layer: those asked for whose submodule this layer prunes."""
+        settings = self.parts.reconstruction
+        if settings is None:
+            return ()
+        pruned = {"attention": self.plan.prunes_attention, "mlp": self.plan.prunes_mlp}
+        return tuple(w for w in settings.windows if pruned[w])
+
+    def _reconstruct(self, window: str, pruned_input: torch.Tensor, dense_output: torch.Tensor | None) -> None:
+        """Train the window's kept weights from the closed form toward the dense window's output; keep them
+        (output tensors and the layer's output in `hidden`) only if they beat the closed form on held-out
+        sequences. `pruned_input` is the window's input on the pruned stream, `dense_output` the dense
+        window's output on it (None when the settings learn from the dense stream)."""
+        settings, rt = self.parts.reconstruction, self.runtime
+        inputs, targets = self._training_pairs(window, pruned_input, dense_output)
+        names, module = self._window_module(window)
+        params = [module.get_parameter(n) for n in names]
+        forward = self._window_forward(window, module)
+        seed = settings.seed * 1_000_003 + 2 * self.plan.layer + WINDOWS.index(window)
+        trainer = WindowTrainer(params, forward, settings, rt.device, seed, f"reconstruct:{self.plan.layer}")
+        with self.timer.phase("reconstruction"):
+            report = trainer.run(window, inputs, targets)
+        del inputs, targets
+        self.report.reconstruction = [*(self.report.reconstruction or []), report.to_dict()]
+        if not report.kept:
+            return
+        prefix = LAYER_PREFIX.format(self.plan.layer)
+        with torch.no_grad():
+            for name, p in zip(names, params, strict=True):
+                self.stored.pop(prefix + name, None)
+                self.out[prefix + name] = p
+                p.copy_(self.out[prefix + name])  # as written: the next layer sees the rounded weights
+            with self.timer.phase("forward"):
+                for sl in self._batches():
+                    x = pruned_input[sl].to(rt.device, torch.float32)
+                    self.hidden[sl] = (x + forward(x)).to(self.hidden.device)
+
+    def _training_pairs(self, window: str, pruned_input: torch.Tensor, dense_output: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of the window: from the pruned stream, or from the dense model's own stream."""
+        if dense_output is not None:
+            return pruned_input, dense_output
+        d = self.dense_stream
+        if window == "attention":
+            return d.inp, d.mid - d.inp
+        return d.mid, d.out - d.mid
+
+    def _window_module(self, window: str) -> tuple[list[str], torch.nn.Module]:
+        """A float32 copy of the pruned layer's window (submodule and its norm) on the compute device, as
+        written so far; returns its parameter names (relative to the layer) and the layer holding it."""
+        config = copy.copy(self.layer.self_attn.config)
+        config.layer_configs = list(config.layer_configs)
+        config.layer_configs[self.plan.layer] = self.spec.to_dict()
+        with torch.device("meta"):
+            layer = adapter_of(config).layer_module(config, self.plan.layer)
+        prefix = LAYER_PREFIX.format(self.plan.layer)
+        state = {}
+        for part in _WINDOW_PARTS[window]:
+            for name, _ in layer.get_submodule(part).named_parameters(prefix=part):
+                source = self.out[prefix + name] if prefix + name in self.out else self.stored[prefix + name]
+                state[name] = source.to(self.runtime.device, torch.float32, copy=True)  # never an alias
+        layer.load_state_dict(state, strict=False, assign=True)
+        return list(state), layer
+
+    def _window_forward(self, window: str, layer: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        if window == "mlp":
+            return lambda x: layer.mlp(layer.post_attention_layernorm(x))
+        cos, sin = (t.float() for t in self.runtime.position_embeddings)
+        return lambda x: layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=(cos, sin),
+                                         attention_mask=None)[0]
+
+
+_WINDOW_PARTS = {"attention": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")}
 
 
 def _at_least_float32(dtype: torch.dtype) -> torch.dtype:

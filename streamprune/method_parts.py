@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .allocation import HeadUnits, LayerPlan
 from .least_squares import DEFAULT_DAMPING, CrossMoments, LeastSquaresFit, refit_from_input_moments, refit_to_target
+from .reconstruction import ReconstructionSettings
 from .recovery import RegressionFit, RegressionSums, apply_fit, fit_from_moments
 from .refit_selection import keep_units_by_refit_error, prune_columns_by_refit_error
 from .scoring import (
@@ -53,6 +54,7 @@ class MethodSwitches:
     selection: str = "slimllm"  # "slimllm" (Pearson heads, PCA channels) or "refit" (error left after the refit)
     protect_lowest: float = 0.0  # fraction of lowest-scored FFN channels never pruned (official code: 0.01)
     damping: float = DEFAULT_DAMPING  # ridge of the least-squares recovery, relative to mean diag of the Gram
+    reconstruction: ReconstructionSettings | None = None  # gradient reconstruction after the closed form
 
     @property
     def least_squares(self) -> bool:
@@ -79,6 +81,7 @@ class LayerReport:
     down_proj_fit: dict | None = None
     channels_kept: int | None = None
     channels_total: int | None = None
+    reconstruction: list[dict] | None = None  # one WindowReport per reconstructed window
     non_finite: bool | None = None
 
     def to_dict(self) -> dict:
@@ -427,6 +430,7 @@ class MethodParts:
     heads: SlimLLMHeads | RefitHeads
     channels: SlimLLMChannels | RefitChannels
     recovery: NoRecovery
+    reconstruction: ReconstructionSettings | None = None
 
     @classmethod
     def from_switches(cls, s: MethodSwitches) -> MethodParts:
@@ -440,4 +444,4 @@ class MethodParts:
             recovery = LeastSquaresRecovery(s.damping, s.dense_target)
         else:
             recovery = AffineRecovery()
-        return cls(heads, channels, recovery)
+        return cls(heads, channels, recovery, s.reconstruction)

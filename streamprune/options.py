@@ -18,6 +18,7 @@ from .errors import StreamPruneError
 
 if typing.TYPE_CHECKING:
     from .method_parts import MethodSwitches
+    from .reconstruction import ReconstructionSettings
 
 DEFAULT_CALIB = "wikitext:wikitext-2-raw-v1:train"
 # Ridge of the least-squares recovery, relative to mean diag of the Gram (measured: docs/results.md).
@@ -114,6 +115,24 @@ class PruneOptions:
         help="How heads and FFN channels are chosen: SlimLLM's scores (Pearson similarity for heads, PCA feature "
              "space for channels) or by the error left after the least-squares refit (refit, optimal-brain-"
              "surgeon style).")
+    reconstruct: str = _option(
+        "off", choices=("off", "mlp", "attention", "both"),
+        help="Gradient reconstruction after the closed form: train the kept weights of each pruned FFN (mlp), "
+             "attention (attention) or both, one submodule at a time, toward the dense submodule's output; "
+             "the closed form is kept where it is better on held-out calibration sequences "
+             "(docs/method.md \"Reconstruction by gradient\").")
+    reconstruct_inputs: str = _option(
+        "dense", choices=("dense", "pruned"),
+        help="What reconstruction learns from: the dense model's own stream (the dense submodule's inputs and "
+             "outputs; one more dense forward per layer) or the pruned stream's inputs with the dense "
+             "submodule's outputs on them.")
+    reconstruct_epochs: int = _option(8, low=0, help="Reconstruction epochs over the training sequences (0: none).")
+    reconstruct_lr: float = _option(1e-3, low=0, help="Adam learning rate of the reconstruction (cosine decay to 0).")
+    reconstruct_batch: int = _option(8, low=1, help="Calibration sequences per reconstruction step.")
+    reconstruct_val_every: int = _option(
+        5, low=0,
+        help="Every Nth calibration sequence is held out to pick the best epoch and to fall back to the closed "
+             "form (0 or 1: none held out, the training error decides).")
     batch_size: int = _option(8, low=1, speed_only=True,
                               help="Calibration sequences per forward (memory vs speed; results differ only by "
                                    "rounding).")
@@ -125,7 +144,23 @@ class PruneOptions:
 
         return MethodSwitches(greedy=self.greedy, feature_space=self.feature_space, regression=self.regression,
                               recovery=self.recovery, damping=self.damping, target=self.target,
-                              protect_lowest=self.protect_lowest, selection=self.selection)
+                              protect_lowest=self.protect_lowest, selection=self.selection,
+                              reconstruction=self.reconstruction())
+
+    def reconstruction(self) -> ReconstructionSettings | None:
+        """The reconstruction settings, or None when --reconstruct is off."""
+        if self.reconstruct == "off":
+            return None
+        from .reconstruction import WINDOWS, ReconstructionSettings
+
+        windows = WINDOWS if self.reconstruct == "both" else (self.reconstruct,)
+        return ReconstructionSettings(windows, self.reconstruct_inputs, self.reconstruct_epochs, self.reconstruct_lr,
+                                      self.reconstruct_batch, self.reconstruct_val_every, self.seed)
+
+    def keeps_dense_stream(self) -> bool:
+        """Whether pass 2 carries the dense model's hidden states beside the pruned ones."""
+        dense_inputs = self.reconstruct != "off" and self.reconstruct_inputs == "dense"
+        return self.switches().dense_target or dense_inputs
 
     def validate(self) -> None:
         """Raise a one-line StreamPruneError naming the first option out of its allowed values."""
@@ -142,7 +177,8 @@ class PruneOptions:
 # SlimLLM as published (METHOD.md): its calibration size, its per-row a*y+b recovery, its scores.
 # `streamprune run --paper` and `prune(..., **PAPER_METHOD)` select it.
 PAPER_METHOD = {"nsamples": 32, "recovery": "affine", "selection": "slimllm", "target": "pruned",
-                "protect_lowest": 0.0, "attention_scale": 1.0, "split": "fixed"}
+                "protect_lowest": 0.0, "attention_scale": 1.0, "split": "fixed",
+                "reconstruct": "off"}
 
 
 def info(f: dataclasses.Field) -> OptionInfo:

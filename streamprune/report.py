@@ -10,23 +10,41 @@ from .output import read_report
 
 def report_table(report: dict) -> str:
     """One row per layer: cosine score, planned ratio, heads / channels kept, parameters, and how much of
-    the error of plain removal each recovery left (o_proj, down_proj: recovered / removed mean squared error)."""
+    the error of plain removal each recovery left (o_proj, down_proj: recovered / removed mean squared error);
+    with --reconstruct, each window's held-out error before and after (reconstruction.WindowReport)."""
     header = f"{'layer':>5} {'cosine':>7} {'ratio':>6} {'heads':>7} {'kv':>3} {'channels':>11} " \
              f"{'params before':>14} {'after':>12} {'o_proj err':>10} {'down err':>8}"
+    reconstructed = any(layer.get("reconstruction") for layer in report["layers"])
+    if reconstructed:
+        header += f" {'recon attn':>17} {'recon mlp':>17}"
     rows = [header, "-" * len(header)]
     for layer in report["layers"]:
         score = "-" if layer.get("score") is None else f"{layer['score']:.4f}"
         o_fit, d_fit = layer.get("o_proj_fit"), layer.get("down_proj_fit")
-        rows.append(
+        row = (
             f"{layer['layer']:>5} {score:>7} {layer['plan_ratio']:>6.3f} "
             f"{layer['heads_kept']:>3}/{layer['heads_total']:<3} {layer['kv_heads_kept']:>3} "
             f"{layer['channels_kept']:>5}/{layer['channels_total']:<5} {layer['params_before']:>14,} "
             f"{layer['params_after']:>12,} {_left(o_fit):>10} {_left(d_fit):>8}"
         )
+        if reconstructed:
+            windows = {w["window"]: w for w in layer.get("reconstruction") or []}
+            row += f" {_window(windows.get('attention')):>17} {_window(windows.get('mlp')):>17}"
+        rows.append(row)
     rows.append("-" * len(header))
     rows.append(f"total parameters {report['params_before']:,} -> {report['params_after']:,} "
                 f"({report['achieved_ratio']:.2%} removed, target {report['allocation']['target_ratio']:.2%})")
     return "\n".join(rows)
+
+
+def _window(window: dict | None) -> str:
+    """Held-out error of a reconstruction window: 'before>after' when kept, 'before cf' when the closed form
+    stayed (no epoch beat it), '-' when the window was not reconstructed."""
+    if window is None:
+        return "-"
+    if window["kept"]:
+        return f"{window['val_before']:.3g}>{window['val_after']:.3g}"
+    return f"{window['val_before']:.3g} cf" + (" nan" if window.get("non_finite") else "")
 
 
 def _left(fit: dict | None) -> str:

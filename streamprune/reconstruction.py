@@ -1,0 +1,286 @@
+"""Gradient reconstruction of a pruned submodule (docs/method.md "Reconstruction by gradient").
+
+The closed-form recovery refits one matrix per sub-layer (o_proj, down_proj) by least squares. What it
+cannot fix is everything before that matrix: the kept q/k/v rows, the gate/up rows and the norms still
+hold their dense values although their job has changed. Reconstruction optimises *all* kept weights of
+one submodule (a "window": the attention with its input norm, or the MLP with its post-attention norm),
+starting from the closed-form solution, so that the submodule's output on the calibration inputs comes
+close to the dense submodule's output on the same inputs:
+
+    min_theta  1/|T| sum_t sum_d  w_d (f_theta(x_t) - y_t)_d^2,   w_d = 1 / mean_t (x_t + y_t)_d^2
+
+where y is the dense submodule's output and x + y the dense residual stream after it. The weights w
+are those the split search uses (split_search.py): LLaMA-family models carry a few "massive activation"
+dimensions that the next RMSNorm divides away, and an unweighted error is dominated by them.
+
+Every `val_every`-th calibration sequence is held out. The weights with the lowest held-out error over
+the epochs are kept, and where no epoch beats the closed form on the held-out sequences the closed form
+stays (the window is then reported with `kept: false`). Nothing here holds more than the one window's
+parameters, their gradients, the optimiser state and one copy of the best weights (kept on the host).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .faults import fault_point
+
+WINDOWS = ("attention", "mlp")
+
+
+@dataclass(frozen=True)
+class ReconstructionSettings:
+    """What the user chose (options.py holds the defaults); one instance per run."""
+
+    windows: tuple[str, ...]  # subset of WINDOWS, run in that order
+    inputs: str  # "dense": the dense model's stream (its own inputs and outputs); "pruned": the pruned stream
+    epochs: int
+    lr: float
+    batch: int  # calibration sequences per optimiser step
+    val_every: int  # every val_every-th sequence is held out for validation
+    seed: int
+
+    @property
+    def attention(self) -> bool:
+        return "attention" in self.windows
+
+    @property
+    def mlp(self) -> bool:
+        return "mlp" in self.windows
+
+
+@dataclass
+class WindowReport:
+    """One window's errors (relative: weighted squared error / weighted square of the dense output)."""
+
+    window: str
+    train_before: float
+    val_before: float
+    train_after: float
+    val_after: float
+    best_epoch: int  # 0: no epoch beat the closed form on the held-out sequences
+    kept: bool
+    steps: int
+    non_finite: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def split_rows(n: int, val_every: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) sequence indices: every val_every-th sequence validates (evenly spaced, so each
+    source of a calibration mixture keeps its share). With fewer than two sequences both are all rows."""
+    rows = torch.arange(n)
+    if n < 2 or val_every < 2:
+        return rows, rows
+    val = rows % val_every == val_every - 1
+    if not val.any():
+        val[-1] = True
+    return rows[~val], rows[val]
+
+
+def dimension_weights(inputs: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """w_d = 1 / mean over tokens of (input + target)_d^2: the dense residual stream after the window."""
+    square = torch.zeros(inputs.shape[-1], dtype=torch.float64)
+    count = 0
+    for chunk in rows.split(8):
+        stream = inputs[chunk].double() + targets[chunk].double()
+        square += stream.square().sum(dim=(0, 1)).cpu()
+        count += stream.shape[0] * stream.shape[1]
+    return (count / square.clamp_min(torch.finfo(torch.float64).tiny)).float()
+
+
+class WindowTrainer:
+    """Adam with cosine decay over `settings.epochs` epochs of shuffled calibration sequences.
+
+    `forward(x)` is the pruned submodule (its parameters are `params`), `inputs` and `targets` are
+    (sequences, tokens, hidden) float32 tensors on any device; each step moves one batch to `device`.
+    After `run`, the parameters hold the best epoch's weights when the report says `kept`; otherwise they
+    hold whatever training left and the caller keeps the closed form it started from (no second copy of
+    the starting weights is held for that).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], forward: Callable[[torch.Tensor], torch.Tensor],
+                 settings: ReconstructionSettings, device: torch.device, seed: int, fault: str = ""):
+        self.params, self.forward, self.settings, self.device = params, forward, settings, device
+        self.seed, self.fault = seed, fault
+
+    def run(self, window: str, inputs: torch.Tensor, targets: torch.Tensor) -> WindowReport:
+        s = self.settings
+        train, val = split_rows(inputs.shape[0], s.val_every)
+        weights = dimension_weights(inputs, targets, train).to(self.device)
+        scale_train = self._target_scale(targets, train, weights)
+        scale_val = self._target_scale(targets, val, weights)
+        train_before = self.error(inputs, targets, train, weights) / scale_train
+        val_before = self.error(inputs, targets, val, weights) / scale_val
+        best_val, best_epoch, best = val_before, 0, None
+        steps, non_finite = 0, False
+        if s.epochs > 0 and s.lr > 0:
+            for p in self.params:
+                p.requires_grad_(True)
+            optimiser = torch.optim.Adam(self.params, lr=s.lr)
+            batches_per_epoch = math.ceil(len(train) / s.batch)
+            total = s.epochs * batches_per_epoch
+            generator = torch.Generator().manual_seed(self.seed)
+            for epoch in range(1, s.epochs + 1):
+                order = train[torch.randperm(len(train), generator=generator)]
+                for chunk in order.split(s.batch):
+                    _set_lr(optimiser, s.lr * 0.5 * (1 + math.cos(math.pi * steps / total)))
+                    if not self._step(optimiser, inputs[chunk], targets[chunk], weights):
+                        non_finite = True
+                        break
+                    steps += 1
+                if non_finite:
+                    break
+                fault_point(self.fault)  # crash tests: a kill in the middle of a layer's reconstruction
+                val_error = self.error(inputs, targets, val, weights) / scale_val
+                if val_error < best_val:
+                    best_val, best_epoch = val_error, epoch
+                    best = [p.detach().to("cpu", copy=True) for p in self.params]
+            for p in self.params:
+                p.requires_grad_(False)
+        if best is not None:
+            with torch.no_grad():
+                for p, b in zip(self.params, best, strict=True):
+                    p.copy_(b)
+        train_after = self.error(inputs, targets, train, weights) / scale_train if best is not None else train_before
+        return WindowReport(window, train_before, val_before, train_after, best_val, best_epoch, best is not None,
+                            steps, non_finite)
+
+    def _step(self, optimiser: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> bool:
+        """One Adam step on one batch; False (and no step) when the loss is not finite."""
+        with torch.enable_grad():
+            x, y = x.to(self.device, torch.float32), y.to(self.device, torch.float32)
+            loss = _weighted_square(self.forward(x) - y, w).mean()
+            if not torch.isfinite(loss):
+                optimiser.zero_grad(set_to_none=True)
+                return False
+            loss.backward()
+        optimiser.step()
+        optimiser.zero_grad(set_to_none=True)
+        return True
+
+    @torch.no_grad()
+    def error(self, inputs: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) -> float:
+        """Mean over the tokens of `rows` of sum_d w_d (f(x) - y)_d^2, accumulated in float64."""
+        total, count = 0.0, 0
+        for chunk in rows.split(self.settings.batch):
+            x = inputs[chunk].to(self.device, torch.float32)
+            y = targets[chunk].to(self.device, torch.float32)
+            err = _weighted_square(self.forward(x) - y, w)
+            total += float(err.double().sum())
+            count += err.numel()
+        return total / max(count, 1)
+
+    def _target_scale(self, targets: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) -> float:
+        """Mean over tokens of sum_d w_d y_d^2: the error of a window that outputs zero."""
+        total, count = 0.0, 0
+        for chunk in rows.split(self.settings.batch):
+            err = _weighted_square(targets[chunk].to(self.device, torch.float32), w)
+            total += float(err.double().sum())
+            count += err.numel()
+        return max(total / max(count, 1), torch.finfo(torch.float32).tiny)
+
+
+def _weighted_square(diff: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per token: sum_d w_d diff_d^2 (shape: batch x tokens)."""
+    return (diff.square() * w).sum(-1)
+
+
+def _set_lr(optimiser: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimiser.param_groups:
+        group["lr"] = lr
+
+
+__all__ = ["WINDOWS", "ReconstructionSettings", "WindowReport", "WindowTrainer", "dimension_weights",
+           "split_rows"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory (docs/method.md "Reconstruction by gradient", memory): what one window adds to the engine
+# ----------------------------------------------------------------------------------------------
+
+FLOAT32 = 4
+ADAM_BYTES_PER_PARAM = 4 * FLOAT32  # float32 master weight, gradient, first and second moment
+
+
+@dataclass(frozen=True)
+class WindowSizes:
+    """A pruned layer's sizes as reconstruction sees them."""
+
+    hidden: int
+    heads: int  # query heads kept
+    kv_heads: int
+    head_dim: int
+    intermediate: int  # FFN channels kept
+    dense_mlp_params: int  # the dense FFN, still resident (compute dtype) while the attention window trains
+
+    def attention_params(self) -> int:
+        c, d = self.hidden, self.head_dim
+        return c * d * (2 * self.heads + 2 * self.kv_heads) + c  # q, o, k, v; the input norm (biases ignored)
+
+    def mlp_params(self) -> int:
+        return 3 * self.hidden * self.intermediate + self.hidden
+
+
+@dataclass(frozen=True)
+class ReconstructionMemory:
+    """Peak bytes on the compute device while one layer's windows train (engine states included), and the
+    host copy of the best weights. `parts` names each term of the larger window's peak."""
+
+    device_bytes: int
+    host_bytes: int
+    window: str
+    parts: dict
+
+    def describe(self) -> str:
+        gib = 2**30
+        return ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in self.parts.items())
+
+
+def stream_copies(settings: ReconstructionSettings, dense_target: bool) -> int:
+    """(sequences x tokens x hidden) float32 tensors resident during a window: the pruned stream, the window's
+    input on it, and either the dense window output on it (pruned inputs) or the dense stream's input, middle,
+    output and the window's target on it (dense inputs)."""
+    copies = 3 if settings.inputs == "pruned" else 6
+    if dense_target and settings.inputs == "pruned":
+        copies += 2  # --target dense keeps the dense stream and its middle states as well
+    return copies
+
+
+def activation_bytes(window: str, sizes: WindowSizes, batch: int, seqlen: int) -> int:
+    """Tensors autograd keeps for one step's backward, doubled for the gradients flowing back."""
+    tokens = batch * seqlen
+    c, d = sizes.hidden, sizes.head_dim
+    if window == "mlp":
+        per_token = 2 * c + 4 * sizes.intermediate  # input, normed input, gate, up, act(gate), product
+        return 2 * FLOAT32 * tokens * per_token
+    per_token = 2 * c + d * (3 * sizes.heads + 5 * sizes.kv_heads) + c  # norm, q/k/v, rotated, repeated kv, output
+    scores = batch * sizes.heads * seqlen * seqlen  # attention probabilities (the math kernel keeps them)
+    return 2 * FLOAT32 * (tokens * per_token + scores)
+
+
+def reconstruction_memory(sizes: WindowSizes, settings: ReconstructionSettings, nsamples: int, seqlen: int,
+                          compute_bytes: int, dense_target: bool = False) -> ReconstructionMemory:
+    """The larger of the windows' peaks. Each window holds its float32 weights with their gradient and
+    Adam's two moments (16 bytes a parameter), the calibration streams (`stream_copies`) and one step's
+    activations; the attention window also overlaps the dense FFN, which is released only after it."""
+    streams = stream_copies(settings, dense_target) * nsamples * seqlen * sizes.hidden * FLOAT32
+    best: tuple[int, str, dict, int] | None = None
+    for window in settings.windows:
+        params = sizes.attention_params() if window == "attention" else sizes.mlp_params()
+        parts = {"weights+grads+adam": ADAM_BYTES_PER_PARAM * params, "streams": streams,
+                 "activations": activation_bytes(window, sizes, settings.batch, seqlen)}
+        if window == "attention":
+            parts["dense FFN"] = sizes.dense_mlp_params * compute_bytes
+        total = sum(parts.values())
+        if best is None or total > best[0]:
+            best = (total, window, parts, FLOAT32 * params)
+    if best is None:
+        return ReconstructionMemory(0, 0, "", {})
+    total, window, parts, host = best
+    return ReconstructionMemory(total, host, window, parts)
