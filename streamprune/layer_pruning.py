@@ -220,8 +220,10 @@ class LayerJob:
     def run(self) -> LayerResult:
         prefix = LAYER_PREFIX.format(self.plan.layer)
         windows = self._reconstruction_windows()
-        layer_input = self.hidden.clone() if "attention" in windows else None
         from_pruned = self.parts.reconstruction is not None and self.parts.reconstruction.inputs == "pruned"
+        whole_input = self.hidden.clone() if "layer" in windows else None
+        whole_target = self._dense_layer_output(whole_input) if whole_input is not None and from_pruned else None
+        layer_input = self.hidden.clone() if "attention" in windows else None
         attention_target = self._prune_attention(*self._attention_pass(),
                                                  keep_dense_output=from_pruned and layer_input is not None)
         if layer_input is not None:
@@ -232,6 +234,9 @@ class LayerJob:
         if mlp_input is not None:
             self._reconstruct("mlp", mlp_input, mlp_target)
             del mlp_input, mlp_target
+        if whole_input is not None:
+            self._reconstruct("layer", whole_input, whole_target)
+            del whole_input, whole_target
         self.out.update(self.stored)  # what the two phases did not release: the norms, unchanged
         if not torch.isfinite(self.hidden).all():
             self.report.non_finite = True
@@ -466,7 +471,8 @@ class LayerJob:
         settings = self.parts.reconstruction
         if settings is None:
             return ()
-        pruned = {"attention": self.plan.prunes_attention, "mlp": self.plan.prunes_mlp}
+        pruned = {"attention": self.plan.prunes_attention, "mlp": self.plan.prunes_mlp,
+                  "layer": self.plan.prunes_attention or self.plan.prunes_mlp}
         return tuple(w for w in settings.windows if pruned[w])
 
     def _reconstruct(self, window: str, pruned_input: torch.Tensor, dense_output: torch.Tensor | None) -> None:
@@ -479,7 +485,7 @@ class LayerJob:
         names, module = self._window_module(window)
         params = [module.get_parameter(n) for n in names]
         forward = self._window_forward(window, module)
-        seed = settings.seed * 1_000_003 + 2 * self.plan.layer + WINDOWS.index(window)
+        seed = settings.seed * 1_000_003 + len(WINDOWS) * self.plan.layer + WINDOWS.index(window)
         trainer = WindowTrainer(params, forward, settings, rt.device, seed, f"reconstruct:{self.plan.layer}")
         with self.timer.phase("reconstruction"):
             report = trainer.run(window, inputs, targets)
@@ -506,7 +512,16 @@ class LayerJob:
         d = self.dense_stream
         if window == "attention":
             return d.inp, d.mid - d.inp
+        if window == "layer":
+            return d.inp, d.out - d.inp
         return d.mid, d.out - d.mid
+
+    def _dense_layer_output(self, layer_input: torch.Tensor) -> torch.Tensor:
+        """What the dense layer adds to `layer_input` (one dense forward, before anything is pruned)."""
+        output = layer_input.clone()
+        with self.timer.phase("forward"):
+            dense_forward(self.layer, output, self.runtime)
+        return output.sub_(layer_input)
 
     def _window_module(self, window: str) -> tuple[list[str], torch.nn.Module]:
         """A float32 copy of the pruned layer's window (submodule and its norm) on the compute device, as
@@ -526,14 +541,18 @@ class LayerJob:
         return list(state), layer
 
     def _window_forward(self, window: str, layer: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The window's contribution to the residual stream, as a function of its input."""
         if window == "mlp":
             return lambda x: layer.mlp(layer.post_attention_layernorm(x))
         cos, sin = (t.float() for t in self.runtime.position_embeddings)
+        if window == "layer":
+            return lambda x: layer(x, position_embeddings=(cos, sin)) - x
         return lambda x: layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=(cos, sin),
                                          attention_mask=None)[0]
 
 
-_WINDOW_PARTS = {"attention": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")}
+_WINDOW_PARTS = {"attention": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm"),
+                 "layer": ("self_attn", "input_layernorm", "mlp", "post_attention_layernorm")}
 
 
 def _at_least_float32(dtype: torch.dtype) -> torch.dtype:

@@ -116,9 +116,10 @@ class PruneOptions:
              "space for channels) or by the error left after the least-squares refit (refit, optimal-brain-"
              "surgeon style).")
     reconstruct: str = _option(
-        "off", choices=("off", "mlp", "attention", "both"),
+        "off", choices=("off", "mlp", "attention", "both", "layer"),
         help="Gradient reconstruction after the closed form: train the kept weights of each pruned FFN (mlp), "
-             "attention (attention) or both, one submodule at a time, toward the dense submodule's output; "
+             "attention (attention) or both, one submodule at a time, or of the whole decoder layer at once "
+             "(layer), toward the dense submodule's output; "
              "the closed form is kept where it is better on held-out calibration sequences "
              "(docs/method.md \"Reconstruction by gradient\").")
     reconstruct_inputs: str = _option(
@@ -153,7 +154,7 @@ class PruneOptions:
             return None
         from .reconstruction import WINDOWS, ReconstructionSettings
 
-        windows = WINDOWS if self.reconstruct == "both" else (self.reconstruct,)
+        windows = WINDOWS[:2] if self.reconstruct == "both" else (self.reconstruct,)
         return ReconstructionSettings(windows, self.reconstruct_inputs, self.reconstruct_epochs, self.reconstruct_lr,
                                       self.reconstruct_batch, self.reconstruct_val_every, self.seed)
 

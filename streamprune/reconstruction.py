@@ -29,7 +29,7 @@ import torch
 
 from .faults import fault_point
 
-WINDOWS = ("attention", "mlp")
+WINDOWS = ("attention", "mlp", "layer")  # "layer": the whole decoder layer as one window
 
 
 @dataclass(frozen=True)
@@ -272,9 +272,11 @@ def reconstruction_memory(sizes: WindowSizes, settings: ReconstructionSettings, 
     streams = stream_copies(settings, dense_target) * nsamples * seqlen * sizes.hidden * FLOAT32
     best: tuple[int, str, dict, int] | None = None
     for window in settings.windows:
-        params = sizes.attention_params() if window == "attention" else sizes.mlp_params()
-        parts = {"weights+grads+adam": ADAM_BYTES_PER_PARAM * params, "streams": streams,
-                 "activations": activation_bytes(window, sizes, settings.batch, seqlen)}
+        params = {"attention": sizes.attention_params(), "mlp": sizes.mlp_params(),
+                  "layer": sizes.attention_params() + sizes.mlp_params()}[window]
+        activations = sum(activation_bytes(w, sizes, settings.batch, seqlen)
+                          for w in (("attention", "mlp") if window == "layer" else (window,)))
+        parts = {"weights+grads+adam": ADAM_BYTES_PER_PARAM * params, "streams": streams, "activations": activations}
         if window == "attention":
             parts["dense FFN"] = sizes.dense_mlp_params * compute_bytes
         total = sum(parts.values())

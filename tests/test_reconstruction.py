@@ -198,11 +198,15 @@ def test_two_runs_give_identical_bytes(closed_and_reconstructed, tmp_path):
     assert output_digest(again.out_dir) == output_digest(recon.out_dir)
 
 
-def test_pruned_inputs_reconstruct_from_the_pruned_stream(models, calib_file, tmp_path):
+@pytest.mark.parametrize(("window", "inputs"), [("both", "pruned"), ("layer", "dense"), ("layer", "pruned")])
+def test_other_windows_and_inputs_run_and_load(models, calib_file, tmp_path, window, inputs):
     src = models("qwen2-gqa")  # q/k/v biases are trained too
-    result = streamprune.prune(src, tmp_path / "out", 0.4, calib=str(calib_file), reconstruct="both",
-                               reconstruct_inputs="pruned", **RECON)
-    assert _windows(result.report)
+    result = streamprune.prune(src, tmp_path / "out", 0.4, calib=str(calib_file), reconstruct=window,
+                               reconstruct_inputs=inputs, **RECON)
+    windows = _windows(result.report)
+    assert windows and {w["window"] for w in windows} == ({"layer"} if window == "layer" else {"attention", "mlp"})
+    for w in windows:
+        assert w["val_after"] < w["val_before"] if w["kept"] else w["val_after"] == w["val_before"]
     model = AutoModelForCausalLM.from_pretrained(result.out_dir, trust_remote_code=True)
     assert torch.isfinite(model(IDS).logits).all()
 
