@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_checkpoint import make_checkpoint  # noqa: E402
 
 METHOD_PHASES = ("statistics", "pca", "scoring", "regression")
-PASS2_PHASES = ("read", "build", "forward", "statistics", "pca", "scoring", "regression", "write")
+PASS2_PHASES = ("read", "build", "forward", "statistics", "pca", "scoring", "regression", "reconstruction", "write")
 
 
 def drop_page_cache() -> bool:
@@ -112,6 +112,8 @@ def summarise(report: dict, ckpt: Path, args: dict) -> dict:
         "per_layer_pass1_dense_forward_seconds": dense_mean,
         "method_over_dense_forward": method / dense_mean if dense_mean else None,
         "pass2_compute_over_dense_forward": pass2_compute / dense_mean if dense_mean else None,
+        # --reconstruct: the gradient windows' time (their forward passes included), apart from the method's
+        "reconstruction_over_dense_forward": per_phase["reconstruction"] / dense_mean if dense_mean else None,
         "scoring_breakdown_note": "pca = eigh of the FFN output covariance; scoring = M, leave-one-out, "
                                   "greedy search and the channel scores (projection on the eigenbasis)",
         "achieved_ratio": report["achieved_ratio"],
@@ -136,7 +138,8 @@ def _tensor_bytes(ckpt: Path) -> dict[str, int]:
 
 def markdown(rows: list[dict], baseline: float) -> str:
     head = ("| layers | ckpt GB | layer MB | peak RSS MB | budget MB (+ baseline) | layers held | read floor s "
-            "| wall s | dense fwd s/layer | method s/layer | method / dense fwd | pass-2 compute / dense fwd |")
+            "| wall s | dense fwd s/layer | method s/layer | method / dense fwd | pass-2 compute / dense fwd "
+            "| reconstruction / dense fwd |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         p = r["per_layer_pass2_seconds"]
@@ -147,7 +150,8 @@ def markdown(rows: list[dict], baseline: float) -> str:
             f"{r['wall_seconds']:.1f} | "
             f"{r['per_layer_pass1_dense_forward_seconds'] or float('nan'):.2f} | {method:.2f} | "
             f"{r['method_over_dense_forward'] or float('nan'):.2f} | "
-            f"{r['pass2_compute_over_dense_forward'] or float('nan'):.2f} |"
+            f"{r['pass2_compute_over_dense_forward'] or float('nan'):.2f} | "
+            f"{r['reconstruction_over_dense_forward'] or 0.0:.2f} |"
         )
     return "\n".join(lines)
 
