@@ -418,8 +418,9 @@ class StreamingPruner:
                 scores = None
             if state.allocation is None:
                 allocation = solve_allocation(self.shape, self.reader.parameter_count(), o.ratio, scores,
-                                              o.alpha, o.num_pruned_layers, o.gqa_mode, o.regression,
-                                              o.attention_scale)
+                                              gqa_mode=o.gqa_mode, regression=o.regression, alpha=o.alpha,
+                                              num_pruned_layers=o.num_pruned_layers,
+                                              attention_scale=o.attention_scale)
                 state.allocation = {"summary": allocation.to_dict(),
                                             "plans": [asdict(p) for p in allocation.plans]}
                 state.hidden_file = None  # pass 2 starts from the embeddings again
@@ -469,7 +470,7 @@ def _allocation_from_state(saved: dict) -> Allocation:
     s = saved["summary"]
     return Allocation([LayerPlan(**p) for p in saved["plans"]], s["params_before"], s["params_after"],
                       s["target_ratio"], s["base_ratio"], s["alpha"], s["pruned_layers"],
-                      s.get("attention_scale", 1.0))
+                      s["attention_scale"])  # resolved by solve_allocation; the fingerprint pins the version
 
 
 def _layer_params(shape: ModelShape, spec: dict) -> int:
