@@ -333,8 +333,7 @@ def batch_command(manifest: str, json_path: str | None, **settings) -> None:
                    "[default: $STREAMPRUNE_CACHE, else ~/.cache/streamprune].")
 @click.option("--model-dir", default=None,
               help="Use this model folder (or Hugging Face Hub repo id) instead of SmolLM2-135M-Instruct.")
-@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
-              help="Fraction of all parameters to remove.")
+@schema_option("ratio", default=0.2)
 @schema_option("calib", default="builtin")
 @schema_option("nsamples", default=DEMO_NSAMPLES)
 @schema_option("seqlen")
@@ -364,7 +363,7 @@ def demo_command(cache_dir, model_dir, ratio, calib, nsamples, seqlen, eval_text
     from .options import check_options
     from .progress import elapsed
 
-    check_options(calib=calib, nsamples=nsamples, seqlen=seqlen)  # before the download and conversion
+    check_options(ratio=ratio, calib=calib, nsamples=nsamples, seqlen=seqlen)  # before the download and conversion
     require_all(*DEMO_NEEDS)  # a missing extra fails at once, before seconds of imports
     click.echo("-- start-up: loading torch and transformers")
     with elapsed("start-up", quiet):  # seconds on a small machine, before anything else can be shown

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .allocation import HeadUnits, LayerPlan
-from .least_squares import DEFAULT_DAMPING, CrossMoments, LeastSquaresFit, refit_from_input_moments, refit_to_target
+from .least_squares import CrossMoments, LeastSquaresFit, refit_from_input_moments, refit_to_target
 from .recovery import RegressionFit, RegressionSums, apply_fit, fit_from_moments
 from .refit_selection import keep_units_by_refit_error, prune_columns_by_refit_error
 from .scoring import (
@@ -42,17 +42,20 @@ from .scoring import (
 
 @dataclass(frozen=True)
 class MethodSwitches:
-    """The user's method options (ratios are handled in allocation)."""
+    """The options the per-layer method reads (ratios are handled in allocation).
 
-    greedy: bool = True
-    feature_space: bool = True
-    regression: bool = True
-    recovery: str = "lstsq"  # with regression: "lstsq" (least squares) or "affine" (SlimLLM per-row a*y+b)
-    target: str = "pruned"  # least squares fits each sub-layer's dense output on the pruned stream ("pruned")
-    # or the dense model's own hidden states ("dense"), which also corrects error from earlier layers
-    selection: str = "slimllm"  # "slimllm" (Pearson heads, PCA channels) or "refit" (error left after the refit)
-    protect_lowest: float = 0.0  # fraction of lowest-scored FFN channels never pruned (official code: 0.01)
-    damping: float = DEFAULT_DAMPING  # ridge of the least-squares recovery, relative to mean diag of the Gram
+    No defaults and no help here: each field is the `PruneOptions` field of the same name (options.py
+    documents it), copied by name in `PruneOptions.switches()`.
+    """
+
+    greedy: bool
+    feature_space: bool
+    regression: bool
+    recovery: str
+    target: str
+    selection: str
+    protect_lowest: float
+    damping: float
 
     @property
     def least_squares(self) -> bool:
@@ -346,9 +349,6 @@ def _take_fit(target: DownProjFit, fit: LeastSquaresFit) -> None:
 class NoRecovery:
     """Plain removal: kept weights unchanged, no bias added."""
 
-    adds_bias = False
-    dense_target = False
-
     def o_proj(self, p: HeadProblem, keep_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         return None
 
@@ -358,8 +358,6 @@ class NoRecovery:
 
 class AffineRecovery(NoRecovery):
     """METHOD.md section 4: per output dim y_c = a_c x_c + b_c (the paper's)."""
-
-    adds_bias = True
 
     def o_proj(self, p: HeadProblem, keep_units: torch.Tensor):
         fit = _attention_affine_fit(p, keep_units.to(p.w_o.device))
@@ -373,8 +371,6 @@ class AffineRecovery(NoRecovery):
 
 class LeastSquaresRecovery(NoRecovery):
     """least_squares.py: every kept weight refitted, to the sub-layer's dense output or the dense model's."""
-
-    adds_bias = True
 
     def __init__(self, damping: float, dense_target: bool):
         self.damping, self.dense_target = damping, dense_target

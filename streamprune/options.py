@@ -19,10 +19,6 @@ from .errors import StreamPruneError
 if typing.TYPE_CHECKING:
     from .method_parts import MethodSwitches
 
-DEFAULT_CALIB = "wikitext:wikitext-2-raw-v1:train"
-# Ridge of the least-squares recovery, relative to mean diag of the Gram (measured: docs/results.md).
-DEFAULT_DAMPING = 0.1
-
 
 @dataclass(frozen=True)
 class OptionInfo:
@@ -50,7 +46,7 @@ class PruneOptions:
         help="Fraction of the model's TOTAL parameters to remove (0.2 = 20 %; 0 passes the model through "
              "unchanged).", low=0, high=1, high_open=True)
     calib: str = _option(
-        DEFAULT_CALIB,
+        "wikitext:wikitext-2-raw-v1:train",
         help="Calibration text: a .txt/.jsonl/.json/.parquet file, a datasets spec 'name[:config][:split]' "
              "(needs the Hub), 'builtin' (about 33k tokens of public-domain English prose shipped with "
              "streamprune), 'self' to sample text from the model itself (loads the whole model; for models "
@@ -99,7 +95,7 @@ class PruneOptions:
         "lstsq", choices=("lstsq", "affine"),
         help="Recovery of o_proj / down_proj: a least-squares refit of every kept weight (lstsq) or the paper's "
              "per-row a*y+b (affine).")
-    damping: float = _option(DEFAULT_DAMPING, low=0, low_open=True,
+    damping: float = _option(0.1, low=0, low_open=True,  # measured: docs/results.md
                              help="Ridge of the least-squares recovery, relative to the mean diagonal of the Gram.")
     target: str = _option(
         "pruned", choices=("pruned", "dense"),
@@ -123,9 +119,8 @@ class PruneOptions:
     def switches(self) -> MethodSwitches:
         from .method_parts import MethodSwitches  # imports torch: not needed to build the command line
 
-        return MethodSwitches(greedy=self.greedy, feature_space=self.feature_space, regression=self.regression,
-                              recovery=self.recovery, damping=self.damping, target=self.target,
-                              protect_lowest=self.protect_lowest, selection=self.selection)
+        # By name, so a method option is one PruneOptions field plus one MethodSwitches field, nothing else.
+        return MethodSwitches(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MethodSwitches)})
 
     def validate(self) -> None:
         """Raise a one-line StreamPruneError naming the first option out of its allowed values."""
