@@ -160,19 +160,11 @@ class StreamingPruner:
         from .calibration import CalibrationError, calibration_ids
 
         o = self.options
-        if o.calib == "random":  # benchmarks on tokenizer-less random checkpoints; no text needed
-            gen = torch.Generator().manual_seed(o.seed)
-            return torch.randint(0, self.shape.vocab_size, (o.nsamples, o.seqlen), generator=gen)
-        try:
-            return calibration_ids(o.calib, self._tokenizer(), o.nsamples, o.seqlen, o.seed, self.model_dir,
+        try:  # the tokenizer is loaded only when a source needs one (not for --calib random)
+            return calibration_ids(o.calib, None, o.nsamples, o.seqlen, o.seed, self.model_dir,
                                    device=str(self.device), quiet=self.quiet)
         except CalibrationError as exc:
             raise StreamPruneError(str(exc)) from None
-
-    def _tokenizer(self):
-        from .loading import load_tokenizer
-
-        return load_tokenizer(self.model_dir)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Calibration hidden states (nsamples, seqlen, C), float32 on the compute device."""
