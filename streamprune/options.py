@@ -48,9 +48,10 @@ class PruneOptions:
     calib: str = _option(
         "wikitext:wikitext-2-raw-v1:train",
         help="Calibration text: a .txt/.jsonl/.json/.parquet file, a datasets spec 'name[:config][:split]' "
-             "(needs the Hub), 'builtin' (about 33k tokens of public-domain English prose shipped with "
-             "streamprune), 'self' to sample text from the model itself (loads the whole model; for models "
-             "that fit in memory), or a mixture A+B that draws an equal share of the windows from each.")
+             "(needs the Hub; offline, use builtin or a file), 'builtin' (about 33k tokens of public-domain English "
+             "prose shipped with streamprune), 'self' to sample text from the model itself (loads the whole model; "
+             "for models that fit in memory), 'random' (random token ids: speed benchmarks only, no tokenizer "
+             "needed), or a mixture A+B that draws an equal share of the windows from each.")
     nsamples: int = _option(128, low=1,
                             help="Calibration sequences (the least-squares refit needs more tokens than channels).")
     seqlen: int = _option(128, low=2, help="Tokens per calibration sequence.")
