@@ -48,7 +48,7 @@ from .layer_pruning import (
 )
 from .memory import peak_rss_mb, return_freed_memory_promptly
 from .options import PAPER_METHOD, PruneOptions
-from .output import HFFolderOutput, read_report
+from .output import HFFolderOutput, finished_run_differences, read_report
 from .prefetch import LayerPrefetcher
 from .run_state import (
     RunState,
@@ -67,10 +67,14 @@ from .split_search import search_split, split_trial_rows
 
 @dataclass
 class PruneResult:
+    """`already_complete`: OUT_DIR already held this run (same input and options) and was left as it was;
+    then `report` is the one in OUT_DIR and `allocation` / `layer_specs` are not filled in."""
+
     out_dir: Path
     report: dict
     allocation: Allocation | None = None
     layer_specs: list[dict] = field(default_factory=list)
+    already_complete: bool = False
 
 
 class StreamingPruner:
@@ -85,8 +89,10 @@ class StreamingPruner:
         self.shared_cache = None if shared_cache is None else Path(shared_cache)
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
-        check_folders(self.model_dir, self.out_dir, overwrite)
         self.reader = CheckpointReader(self.model_dir)
+        self.fingerprint = run_fingerprint(self.reader, options)
+        self.already_complete = self._check_finished_run(overwrite)
+        check_folders(self.model_dir, self.out_dir, overwrite or self.already_complete)
         self.shape: ModelShape = read_shape(self.reader.config)
         self.adapter = self.shape.adapter
         self._check_tensor_shapes()
@@ -100,6 +106,15 @@ class StreamingPruner:
         self.stop = StopFlag()
 
     # -- checks ---------------------------------------------------------------------------------
+
+    def _check_finished_run(self, overwrite: bool) -> bool:
+        """True when OUT_DIR already holds this very run (a retried command: nothing to do); a finished run
+        with other options or input is refused unless --overwrite (which also redoes an identical one)."""
+        diffs = None if overwrite else finished_run_differences(self.out_dir, self.fingerprint)
+        if diffs:
+            raise StreamPruneError(f"OUT_DIR {self.out_dir} holds a finished run with other options or input "
+                                   f"({', '.join(diffs[:3])}); pass --overwrite to replace it")
+        return diffs == []
 
     def _check_tensor_shapes(self) -> None:
         """Every tensor the config implies must exist with the implied shape (headers only)."""
@@ -378,6 +393,8 @@ class StreamingPruner:
     # -- entry point ----------------------------------------------------------------------------
 
     def run(self) -> PruneResult:
+        if self.already_complete:  # read only: neither OUT_DIR nor a staging folder is touched
+            return PruneResult(self.out_dir, read_report(self.out_dir), already_complete=True)
         return_freed_memory_promptly()
         try:
             return self._run()
@@ -393,7 +410,7 @@ class StreamingPruner:
         started = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        state = RunState.open(self.staging, run_fingerprint(self.reader, self.options), self.restart)
+        state = RunState.open(self.staging, self.fingerprint, self.restart)
         writer = self.output.shard_writer()
         with self.stop, torch.inference_mode(False), torch.no_grad():
             with self.timer.phase("calibration"):  # wall time of each step, for the report (and the demo)
@@ -433,6 +450,7 @@ class StreamingPruner:
             "model_dir": str(self.model_dir),
             "family": self.shape.family,
             "options": asdict(self.options),
+            "fingerprint": self.fingerprint,  # a rerun with the same one is "already complete"
             "device": str(self.device),
             "compute_dtype": str(self.dtype).removeprefix("torch."),
             "gqa_unit": "kv-group" if self.units.kv_heads_per_unit and self.shape.is_gqa else "head",
