@@ -1,4 +1,4 @@
-"""Per-layer pruning ratios (METHOD.md section 1), solved so the whole model hits the user's target.
+"""Per-layer pruning ratios (docs/method.md "Layer ratios"), solved so the whole model hits the user's target.
 
 The user's `--ratio R` is the fraction of the model's TOTAL parameters to remove (embeddings and
 lm_head included, a tied embedding counted once). Layer l gets r_l = R_base * m_l with

@@ -122,7 +122,7 @@ class HeadProblem:
 
 
 class SlimLLMHeads:
-    """METHOD.md section 2: leave-one-out Pearson similarity, then the greedy swap search."""
+    """docs/method.md "Head scoring": leave-one-out Pearson similarity, then the greedy swap search."""
 
     def __init__(self, greedy: bool):
         self.greedy = greedy
@@ -188,7 +188,8 @@ class ChannelChoice:
 
 
 class SlimLLMChannels:
-    """METHOD.md section 3: I_gate + I_up + I_down with the PCA feature-space weighting (or plain norms)."""
+    """docs/method.md "Channel scoring": I_gate + I_up + I_down with the PCA feature-space weighting (or
+    plain norms)."""
 
     def __init__(self, feature_space: bool, protect_lowest: float):
         self.feature_space, self.protect_lowest = feature_space, protect_lowest
@@ -357,7 +358,7 @@ class NoRecovery:
 
 
 class AffineRecovery(NoRecovery):
-    """METHOD.md section 4: per output dim y_c = a_c x_c + b_c (the paper's)."""
+    """docs/method.md "Affine recovery": per output dim y_c = a_c x_c + b_c (the paper's)."""
 
     def o_proj(self, p: HeadProblem, keep_units: torch.Tensor):
         fit = _attention_affine_fit(p, keep_units.to(p.w_o.device))
@@ -370,7 +371,8 @@ class AffineRecovery(NoRecovery):
 
 
 class LeastSquaresRecovery(NoRecovery):
-    """least_squares.py: every kept weight refitted, to the sub-layer's dense output or the dense model's."""
+    """docs/method.md "Least-squares recovery": every kept weight refitted, to the sub-layer's dense output
+    or the dense model's."""
 
     def __init__(self, damping: float, dense_target: bool):
         self.damping, self.dense_target = damping, dense_target

@@ -135,7 +135,8 @@ class PruneOptions:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in SPEED_ONLY}
 
 
-# SlimLLM as published (METHOD.md): its calibration size, its per-row a*y+b recovery, its scores.
+# SlimLLM as published (docs/method.md "The paper's figures"): its calibration size, its per-row a*y+b
+# recovery, its scores.
 # `streamprune run --paper` and `prune(..., **PAPER_METHOD)` select it.
 PAPER_METHOD = {"nsamples": 32, "recovery": "affine", "selection": "slimllm", "target": "pruned",
                 "protect_lowest": 0.0, "attention_scale": 1.0, "split": "fixed"}

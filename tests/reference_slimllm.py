@@ -1,4 +1,4 @@
-"""A deliberately literal, in-memory SlimLLM reference, written from docs METHOD.md for tests only.
+"""A deliberately literal, in-memory SlimLLM reference, written from docs/method.md for tests only.
 
 The streaming engine (`streamprune`) never materialises per-token quantities after a layer's forward:
 it scores heads from the covariance of the attention output, fits the regression from running sums,
@@ -40,7 +40,7 @@ class RefPlan:
 
 @dataclass(frozen=True)
 class RefSwitches:
-    """The method parts the ablations switch off (METHOD.md section 5)."""
+    """The method parts the ablations switch off (docs/method.md "The paper's figures")."""
 
     greedy: bool = True
     feature_space: bool = True
@@ -245,7 +245,7 @@ def regression_fit(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torc
         xc, yc = x[:, c], y[:, c]
         dx, dy = xc - xc.mean(), yc - yc.mean()
         var = (dx * dx).mean()
-        if var == 0:  # METHOD.md's guard: no slope can be fitted, shift the mean only
+        if var == 0:  # docs/method.md "Affine recovery" guard: no slope can be fitted, shift the mean only
             a[c], b[c] = 1.0, yc.mean() - xc.mean()
         else:
             a[c] = (dx * dy).mean() / var
@@ -265,7 +265,7 @@ def _recovered(weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
 
 
 def layer_cosines(hidden: Sequence[torch.Tensor]) -> list[float]:
-    """METHOD.md section 1: s_l = mean over tokens of cos(x_l, y_l), from the per-layer inputs of a dense
+    """docs/method.md "Layer ratios": s_l = mean over tokens of cos(x_l, y_l), from the per-layer inputs of a dense
     run (`RefResult.hidden` with all-zero plans)."""
     return [float(torch.nn.functional.cosine_similarity(x, y, dim=-1).mean())
             for x, y in zip(hidden[:-1], hidden[1:], strict=True)]
@@ -297,7 +297,7 @@ def _prune_layer(layer, prefix: str, x_in: torch.Tensor, cos, sin, plan: RefPlan
     for name in norms:
         out[prefix + name] = layer.get_parameter(name).clone()
 
-    # ---- attention (METHOD.md section 2, then section 4 for o_proj) ----
+    # ---- attention (docs/method.md "Head scoring", then "Affine recovery" for o_proj) ----
     a_heads = head_outputs(layer, rms_norm(layer.input_layernorm, x_in), cos, sin).reshape(n * t, -1, d)
     n_heads = a_heads.shape[1]
     n_kv = attn.k_proj.weight.shape[0] // d
@@ -338,7 +338,7 @@ def _prune_layer(layer, prefix: str, x_in: torch.Tensor, cos, sin, plan: RefPlan
         out[prefix + "self_attn.o_proj.bias"] = new_b_o.clone()
     h = x_in + attn_out.reshape(n, t, c_dim)  # section 0: the FFN sees the pruned, recovered attention
 
-    # ---- FFN (METHOD.md section 3, then section 4 for down_proj) ----
+    # ---- FFN (docs/method.md "Channel scoring", then "Affine recovery" for down_proj) ----
     x = rms_norm(layer.post_attention_layernorm, h).reshape(n * t, c_dim)  # FFN input over all N tokens
     z = _ffn_inner(mlp, x)
     w_down, b_down = mlp.down_proj.weight, mlp.down_proj.bias

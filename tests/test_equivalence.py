@@ -62,7 +62,7 @@ CASES = {
     "qwen3_gqa_heads": Case("qwen3", 8, 2, 0.3, {"gqa_mode": "heads", "batch_size": 3}),
     "llama_all_biases": Case("llama", 8, None, 0.3, biases=True, expect_swaps=True),
     # 2 x 16 = 32 tokens < hidden 64: the engine takes the PCA from the token Gram, the reference from
-    # the C x C covariance, as METHOD.md writes it.
+    # the C x C covariance, as docs/method.md "Channel scoring" defines it.
     "few_tokens_llama": Case("llama", 8, None, 0.3, calib=(2, 16)),
     "ablation_mha_llama": Case("llama", 8, None, 0.3, {"greedy": False, "feature_space": False,
                                                        "regression": False}),
@@ -77,7 +77,7 @@ class Run:
     report: dict
     dense: dict[str, torch.Tensor]  # the input checkpoint
     ref: RefResult
-    ref_scores: list[float]  # METHOD.md section 1 layer cosines of the dense model, from the reference
+    ref_scores: list[float]  # docs/method.md "Layer ratios": layer cosines of the dense model, from the reference
     case: Case
 
 
