@@ -1,4 +1,4 @@
-"""Per-layer pruning ratios (METHOD.md section 1), solved so the whole model hits the user's target.
+"""Per-layer pruning ratios (docs/method.md "Layer ratios"), solved so the whole model hits the user's target.
 
 The user's `--ratio R` is the fraction of the model's TOTAL parameters to remove (embeddings and
 lm_head included, a tied embedding counted once). Layer l gets r_l = R_base * m_l with
@@ -16,8 +16,6 @@ import torch
 
 from .architecture import ModelShape
 from .errors import StreamPruneError
-
-GQA_MODES = ("heads", "groups")
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,7 @@ def head_units(shape: ModelShape, gqa_mode: str) -> HeadUnits:
         return HeadUnits(n, shape.num_kv_heads, 1, (2 * n + 2) * d * c + (n + 2) * qkv_b, 1)
     if gqa_mode == "heads":
         return HeadUnits(1, shape.num_heads, shape.num_kv_heads, 2 * d * c + qkv_b, 0)
-    raise StreamPruneError(f"unknown GQA mode {gqa_mode!r}; use one of {', '.join(GQA_MODES)}")
+    raise ValueError(f"unknown GQA mode {gqa_mode!r}")  # options.py lists the choices and validates them
 
 
 def channel_params(shape: ModelShape) -> int:
@@ -91,7 +89,7 @@ class Allocation:
     base_ratio: float
     alpha: float | None
     pruned_layers: int
-    attention_scale: float = 1.0
+    attention_scale: float  # the share used, resolved from the ratio when the option was left unset
 
     @property
     def achieved_ratio(self) -> float:
@@ -138,15 +136,16 @@ def layer_multipliers(scores: list[float] | None, num_layers: int, alpha: float,
 class RemovalCounter:
     """Parameters removed by a layer at ratio r, after rounding and caps (monotone in r)."""
 
-    def __init__(self, shape: ModelShape, units: HeadUnits, regression: bool, attention_scale: float = 1.0):
+    def __init__(self, shape: ModelShape, units: HeadUnits, regression: bool):
         self.shape, self.units = shape, units
         self.per_channel = channel_params(shape)
         self.regression = regression
-        self.attention_scale = attention_scale
 
-    def counts(self, r: float) -> tuple[int, int]:
+    def counts(self, r: float, attention_scale: float) -> tuple[int, int]:
+        """(units per bucket, FFN channels) a layer at ratio r prunes: a share min(attention_scale * r, 1) of
+        its units (at least one kept per bucket) and a share r of its channels (at least one kept)."""
         per_bucket = self.units.units_per_bucket
-        prune_units = min(round(min(self.attention_scale * r, 1.0) * per_bucket), per_bucket - 1)
+        prune_units = min(round(min(attention_scale * r, 1.0) * per_bucket), per_bucket - 1)
         prune_channels = min(round(r * self.shape.intermediate_size), self.shape.intermediate_size - 1)
         return max(prune_units, 0), max(prune_channels, 0)
 
@@ -165,10 +164,11 @@ def solve_allocation(
     params_before: int,
     target_ratio: float,
     scores: list[float] | None,
+    *,
+    gqa_mode: str,
+    regression: bool,
     alpha: float | None = None,
     num_pruned_layers: int | None = None,
-    gqa_mode: str = "heads",
-    regression: bool = True,
     attention_scale: float | None = None,
 ) -> Allocation:
     """Per-layer plans whose total removal is as close as rounding allows to target_ratio * params_before.
@@ -176,14 +176,14 @@ def solve_allocation(
     `scores` are the per-layer cosine similarities from the dense pass, or None for uniform ratios.
     A layer at ratio r loses a share min(attention_scale * r, 1) of its attention units (at least one
     kept per bucket) and a share r of its FFN channels; attention_scale None picks
-    default_attention_scale(target_ratio).
+    default_attention_scale(target_ratio), as alpha and num_pruned_layers None pick theirs: the ratio-dependent
+    defaults are resolved here and nowhere else. The options' own ranges (ratio in [0, 1), ...) are checked by
+    PruneOptions.validate before this is called.
     """
-    if not 0 <= target_ratio < 1:
-        raise StreamPruneError(f"--ratio must be in [0, 1), got {target_ratio}")
     units = head_units(shape, gqa_mode)
     if attention_scale is None:
         attention_scale = default_attention_scale(target_ratio)
-    counter = RemovalCounter(shape, units, regression, attention_scale)
+    counter = RemovalCounter(shape, units, regression)
     L = shape.num_layers
     if scores is None:
         alpha_used, k = None, L
@@ -196,7 +196,7 @@ def solve_allocation(
     target = target_ratio * params_before
 
     def removed_at(base: float) -> tuple[int, list[tuple[int, int]]]:
-        counts = [counter.counts(min(base * mi, 1.0)) for mi in m]
+        counts = [counter.counts(min(base * mi, 1.0), attention_scale) for mi in m]
         return sum(counter.removed(u, ch) for u, ch in counts), counts
 
     base = _bisect_base(removed_at, target, max_base=1.0 / min(x for x in m if x > 0), params=params_before)

@@ -13,6 +13,11 @@ Behaviour (what SlimLLM / LLM-Pruner do, made explicit):
   the ``nsamples`` windows from each source (the first sources take the remainder), each source with the
   same seed. Text like what the model will serve helps most, and a mixture covers several kinds
   (docs/results.md, "Calibration text"). A file whose name contains ``+`` is still one source when it exists.
+* ``random``: uniform random token ids (``torch.randint`` seeded with ``seed``), for speed benchmarks on
+  checkpoints without a tokenizer; the vocabulary size comes from the model's config.json.
+* Offline: a ``datasets`` spec needs the Hub. With offline mode on (``HF_HUB_OFFLINE``) only a cached copy
+  is used; when the Hub does not answer one quick request, loading stops at once (instead of the Hub
+  libraries' retries) and the message names ``--calib builtin`` or a local file.
 * Documents are tokenized without special tokens and concatenated with the tokenizer's EOS *between*
   them (none when the tokenizer has no EOS). No BOS appears inside the stream.
 * Windows: ``nsamples`` random start offsets drawn with ``random.Random(seed)``; windows may overlap
@@ -50,9 +55,13 @@ SPLIT_NAMES = ("train", "validation", "test")
 # Datasets whose rows are consecutive lines of articles (LLM-Pruner joins them) rather than documents.
 LINE_DATASETS = ("wikitext",)
 LOCAL_HINT = "pass a local .txt/.jsonl/.json/.parquet file instead"
+OFFLINE_HINT = ("offline, pass --calib builtin (English prose shipped with streamprune) or a local "
+                ".txt/.jsonl/.json/.parquet file")
+HUB_PROBE_SECONDS = 3.0  # one request; the Hub libraries retry an unreachable Hub for about 30 s
 _TOKENIZE_BATCH = 1000  # documents per tokenizer call: parallel in fast tokenizers, bounded memory
 BUILTIN = "builtin"
 BUILTIN_TEXT = Path(__file__).with_name("data") / "demo_calibration.txt"
+RANDOM = "random"
 
 
 class CalibrationError(StreamPruneError, ValueError):
@@ -89,7 +98,7 @@ def describe_source(source: str) -> str:
         return " + ".join(describe_source(part) for part in parts)
     if source == "self":
         return "self-generated samples from the model"
-    if source == "random":  # the engine's tokenizer-free benchmark input
+    if source == RANDOM:
         return "random token ids"
     if source == BUILTIN:
         return f"built-in English prose ({_human_size(BUILTIN_TEXT.stat().st_size)}, shipped with streamprune)"
@@ -252,6 +261,9 @@ def _read_dataset(spec: str) -> list[str]:
     except ImportError:
         raise CalibrationError(f"loading {spec!r} needs the datasets package (pip install datasets); "
                                f"or {LOCAL_HINT}") from None
+    if not _hub_offline() and not hub_reachable():
+        raise CalibrationError(f"cannot reach the Hugging Face Hub to load dataset {spec!r}; {OFFLINE_HINT} "
+                               "(or set HF_HUB_OFFLINE=1 to use a cached copy)")
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot load it"
@@ -268,8 +280,26 @@ def _read_dataset(spec: str) -> list[str]:
 
 def _load_failure(spec: str, exc: Exception) -> str:
     detail = (str(exc).strip().splitlines() or [""])[0][:200]
-    offline = " with Hugging Face offline mode on" if _hub_offline() else ""
-    return f"cannot load dataset {spec!r}{offline} ({type(exc).__name__}: {detail}); {LOCAL_HINT}"
+    if _hub_offline():
+        return (f"cannot load dataset {spec!r} with Hugging Face offline mode on ({type(exc).__name__}: {detail}); "
+                f"{OFFLINE_HINT}")
+    return f"cannot load dataset {spec!r} ({type(exc).__name__}: {detail}); {LOCAL_HINT}"
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the Hub endpoint (HF_ENDPOINT, proxies from the environment) answers one request in `timeout`
+    seconds. Any HTTP answer counts; only a failed connection or a timeout does not."""
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):  # URLError, refused, timeout, DNS; ValueError: a malformed HF_ENDPOINT
+        return False
+    return True
 
 
 def _hub_offline() -> bool:
@@ -283,20 +313,39 @@ def _hub_offline() -> bool:
 
 def calibration_ids(source: str, tokenizer, nsamples: int, seqlen: int, seed: int, model_dir=None,
                     device: str = "cpu", quiet: bool = True) -> torch.Tensor:
-    """(nsamples, seqlen) ids from any ``--calib`` value: a text source, ``self`` (needs ``model_dir``) or a
-    mixture of them, concatenated in the order written."""
+    """(nsamples, seqlen) ids from any ``--calib`` value: a text source, ``self`` or ``random`` (both need
+    ``model_dir``) or a mixture of them, concatenated in the order written. `tokenizer` None: loaded from
+    ``model_dir`` when a part needs one (``random`` does not: tokenizer-less checkpoints work)."""
     _check_sizes(nsamples, seqlen)
     parts = split_sources(source)
     pieces = []
     for part, share in zip(parts, mixture_shares(nsamples, len(parts)), strict=True):
+        if part in ("self", RANDOM) and model_dir is None:
+            raise CalibrationError(f"--calib {part} needs the model folder")
+        if part == RANDOM:
+            pieces.append(random_ids(share, seqlen, seed, _vocab_size(model_dir)))
+            continue
+        if tokenizer is None:
+            from .loading import load_tokenizer
+
+            tokenizer = load_tokenizer(model_dir)
         if part == "self":
-            if model_dir is None:
-                raise CalibrationError("--calib self samples the model itself: it needs the model folder")
             pieces.append(generate_self_calibration(model_dir, tokenizer, share, seqlen, seed, device=device,
                                                     quiet=quiet))
         else:
             pieces.append(load_calibration(part, tokenizer, share, seqlen, seed))
     return torch.cat(pieces)
+
+
+def random_ids(nsamples: int, seqlen: int, seed: int, vocab_size: int) -> torch.Tensor:
+    """Uniform random ids (``--calib random``): the same cost as text, for benchmarks without a tokenizer."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (nsamples, seqlen), generator=gen)
+
+
+def _vocab_size(model_dir) -> int:
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    return int(config.get("vocab_size") or config.get("text_config", {})["vocab_size"])
 
 
 def load_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

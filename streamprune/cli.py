@@ -11,6 +11,7 @@ import functools
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
@@ -128,7 +129,8 @@ def apply_paper_preset(options: dict) -> dict:
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
 @run_options
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR (only once the new model is complete).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR (only once the new model is complete), "
+                                               "even one that already holds this run.")
 @click.option("--restart", is_flag=True, help="Discard an unfinished run of OUT_DIR instead of resuming it.")
 @click.option("--shared-cache", default=None, type=click.Path(file_okay=False, path_type=str),
               help="Folder where runs of the same model and calibration settings share the tokenized "
@@ -146,7 +148,9 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cac
     """Prune MODEL_DIR into OUT_DIR, streaming one decoder layer at a time.
 
     An interrupted run (Ctrl-C, kill, power loss) resumes from the last finished layer when the same
-    command is run again. OUT_DIR appears only when the pruned model is complete and verified.
+    command is run again. OUT_DIR appears only when the pruned model is complete and verified. Run again
+    once finished, the same command prints "already complete" and exits 0, leaving OUT_DIR as it is; other
+    options or another input are refused unless --overwrite.
     """
     import json
 
@@ -156,12 +160,16 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cac
 
     options = apply_paper_preset(options)
     stop_with_parent()
+    pruner = StreamingPruner(model_dir, out_dir, PruneOptions(**options), overwrite=overwrite, restart=restart,
+                             quiet=quiet, shared_cache=shared_cache)
+    if pruner.already_complete:
+        _already_complete(out_dir, pruner.run().report, as_json, gguf_path, gguf_outtype)
+        return
     if gguf_path is not None:
         from .export_gguf import check_destination
 
         check_destination(gguf_path, overwrite)  # before an hour of pruning, not after
-    result = StreamingPruner(model_dir, out_dir, PruneOptions(**options), overwrite=overwrite, restart=restart,
-                             quiet=quiet, shared_cache=shared_cache).run()
+    result = pruner.run()
     r = result.report
     exported = _export_after_run(out_dir, gguf_path, gguf_outtype, overwrite) if gguf_path else None
     if as_json:
@@ -175,6 +183,18 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cac
     )
     if exported is not None:
         click.echo(_export_line(exported))
+
+
+def _already_complete(out_dir: str, report: dict, as_json: bool, gguf_path: str | None, outtype: str) -> None:
+    """A retried command whose model is already in OUT_DIR: say so in one line (on stderr with --json, whose
+    stdout stays the report) and exit 0; only a requested GGUF file that is missing is still written."""
+    import json
+
+    click.echo(f"already complete: {out_dir} holds this run (same input and options); nothing to do", err=as_json)
+    if gguf_path is not None and not Path(gguf_path).is_file():
+        click.echo(_export_line(_export_after_run(out_dir, gguf_path, outtype, overwrite=False)), err=as_json)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
 
 
 def _export_after_run(out_dir: str, gguf_path: str, outtype: str, overwrite: bool):
@@ -333,8 +353,7 @@ def batch_command(manifest: str, json_path: str | None, **settings) -> None:
                    "[default: $STREAMPRUNE_CACHE, else ~/.cache/streamprune].")
 @click.option("--model-dir", default=None,
               help="Use this model folder (or Hugging Face Hub repo id) instead of SmolLM2-135M-Instruct.")
-@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
-              help="Fraction of all parameters to remove.")
+@schema_option("ratio", default=0.2)
 @schema_option("calib", default="builtin")
 @schema_option("nsamples", default=DEMO_NSAMPLES)
 @schema_option("seqlen")
@@ -364,7 +383,7 @@ def demo_command(cache_dir, model_dir, ratio, calib, nsamples, seqlen, eval_text
     from .options import check_options
     from .progress import elapsed
 
-    check_options(calib=calib, nsamples=nsamples, seqlen=seqlen)  # before the download and conversion
+    check_options(ratio=ratio, calib=calib, nsamples=nsamples, seqlen=seqlen)  # before the download and conversion
     require_all(*DEMO_NEEDS)  # a missing extra fails at once, before seconds of imports
     click.echo("-- start-up: loading torch and transformers")
     with elapsed("start-up", quiet):  # seconds on a small machine, before anything else can be shown

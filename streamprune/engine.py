@@ -48,7 +48,7 @@ from .layer_pruning import (
 )
 from .memory import peak_rss_mb, return_freed_memory_promptly
 from .options import PAPER_METHOD, PruneOptions
-from .output import HFFolderOutput, read_report
+from .output import HFFolderOutput, finished_run_differences, read_report
 from .prefetch import LayerPrefetcher
 from .reconstruction import ReconstructionMemory, WindowSizes, reconstruction_memory
 from .run_state import (
@@ -68,10 +68,14 @@ from .split_search import search_split, split_trial_rows
 
 @dataclass
 class PruneResult:
+    """`already_complete`: OUT_DIR already held this run (same input and options) and was left as it was;
+    then `report` is the one in OUT_DIR and `allocation` / `layer_specs` are not filled in."""
+
     out_dir: Path
     report: dict
     allocation: Allocation | None = None
     layer_specs: list[dict] = field(default_factory=list)
+    already_complete: bool = False
 
 
 class StreamingPruner:
@@ -86,8 +90,10 @@ class StreamingPruner:
         self.shared_cache = None if shared_cache is None else Path(shared_cache)
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
-        check_folders(self.model_dir, self.out_dir, overwrite)
         self.reader = CheckpointReader(self.model_dir)
+        self.fingerprint = run_fingerprint(self.reader, options)
+        self.already_complete = self._check_finished_run(overwrite)
+        check_folders(self.model_dir, self.out_dir, overwrite or self.already_complete)
         self.shape: ModelShape = read_shape(self.reader.config)
         self.adapter = self.shape.adapter
         self._check_tensor_shapes()
@@ -101,6 +107,15 @@ class StreamingPruner:
         self.stop = StopFlag()
 
     # -- checks ---------------------------------------------------------------------------------
+
+    def _check_finished_run(self, overwrite: bool) -> bool:
+        """True when OUT_DIR already holds this very run (a retried command: nothing to do); a finished run
+        with other options or input is refused unless --overwrite (which also redoes an identical one)."""
+        diffs = None if overwrite else finished_run_differences(self.out_dir, self.fingerprint)
+        if diffs:
+            raise StreamPruneError(f"OUT_DIR {self.out_dir} holds a finished run with other options or input "
+                                   f"({', '.join(diffs[:3])}); pass --overwrite to replace it")
+        return diffs == []
 
     def _check_tensor_shapes(self) -> None:
         """Every tensor the config implies must exist with the implied shape (headers only)."""
@@ -161,19 +176,11 @@ class StreamingPruner:
         from .calibration import CalibrationError, calibration_ids
 
         o = self.options
-        if o.calib == "random":  # benchmarks on tokenizer-less random checkpoints; no text needed
-            gen = torch.Generator().manual_seed(o.seed)
-            return torch.randint(0, self.shape.vocab_size, (o.nsamples, o.seqlen), generator=gen)
-        try:
-            return calibration_ids(o.calib, self._tokenizer(), o.nsamples, o.seqlen, o.seed, self.model_dir,
+        try:  # the tokenizer is loaded only when a source needs one (not for --calib random)
+            return calibration_ids(o.calib, None, o.nsamples, o.seqlen, o.seed, self.model_dir,
                                    device=str(self.device), quiet=self.quiet)
         except CalibrationError as exc:
             raise StreamPruneError(str(exc)) from None
-
-    def _tokenizer(self):
-        from .loading import load_tokenizer
-
-        return load_tokenizer(self.model_dir)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Calibration hidden states (nsamples, seqlen, C), float32 on the compute device."""
@@ -425,6 +432,8 @@ class StreamingPruner:
     # -- entry point ----------------------------------------------------------------------------
 
     def run(self) -> PruneResult:
+        if self.already_complete:  # read only: neither OUT_DIR nor a staging folder is touched
+            return PruneResult(self.out_dir, read_report(self.out_dir), already_complete=True)
         return_freed_memory_promptly()
         try:
             return self._run()
@@ -440,7 +449,7 @@ class StreamingPruner:
         started = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        state = RunState.open(self.staging, run_fingerprint(self.reader, self.options), self.restart)
+        state = RunState.open(self.staging, self.fingerprint, self.restart)
         writer = self.output.shard_writer()
         with self.stop, torch.inference_mode(False), torch.no_grad():
             with self.timer.phase("calibration"):  # wall time of each step, for the report (and the demo)
@@ -457,8 +466,9 @@ class StreamingPruner:
                 scores = None
             if state.allocation is None:
                 allocation = solve_allocation(self.shape, self.reader.parameter_count(), o.ratio, scores,
-                                              o.alpha, o.num_pruned_layers, o.gqa_mode, o.regression,
-                                              o.attention_scale)
+                                              gqa_mode=o.gqa_mode, regression=o.regression, alpha=o.alpha,
+                                              num_pruned_layers=o.num_pruned_layers,
+                                              attention_scale=o.attention_scale)
                 state.allocation = {"summary": allocation.to_dict(),
                                             "plans": [asdict(p) for p in allocation.plans]}
                 state.hidden_file = None  # pass 2 starts from the embeddings again
@@ -480,6 +490,7 @@ class StreamingPruner:
             "model_dir": str(self.model_dir),
             "family": self.shape.family,
             "options": asdict(self.options),
+            "fingerprint": self.fingerprint,  # a rerun with the same one is "already complete"
             "device": str(self.device),
             "compute_dtype": str(self.dtype).removeprefix("torch."),
             "gqa_unit": "kv-group" if self.units.kv_heads_per_unit and self.shape.is_gqa else "head",
@@ -509,7 +520,7 @@ def _allocation_from_state(saved: dict) -> Allocation:
     s = saved["summary"]
     return Allocation([LayerPlan(**p) for p in saved["plans"]], s["params_before"], s["params_after"],
                       s["target_ratio"], s["base_ratio"], s["alpha"], s["pruned_layers"],
-                      s.get("attention_scale", 1.0))
+                      s["attention_scale"])  # resolved by solve_allocation; the fingerprint pins the version
 
 
 def _layer_params(shape: ModelShape, spec: dict) -> int:

@@ -1,7 +1,8 @@
-"""Prune one decoder layer on the calibration hidden states it receives (METHOD.md sections 2-4).
+"""Prune one decoder layer on the calibration hidden states it receives (docs/method.md "Head scoring",
+"Channel scoring" and "Recovery").
 
-Order inside a layer follows METHOD.md section 0: attention is scored, pruned and recovered first;
-the FFN is then scored on the hidden states the *pruned* attention produces. The hidden-state buffer
+Order inside a layer follows docs/method.md "Calibration propagation": attention is scored, pruned and
+recovered first; the FFN is then scored on the hidden states the *pruned* attention produces. The hidden-state buffer
 is updated in place, batch by batch, so the layer's output becomes the next layer's input.
 """
 
@@ -197,8 +198,8 @@ class _Output(dict):
 class LayerJob:
     """One layer being pruned: the module, its weights, its calibration states, its budget, the parts.
 
-    Order (METHOD.md section 0): attention is scored, pruned and recovered first; the FFN is then
-    scored on the hidden states the *pruned* attention produces. `hidden` is updated in place, batch
+    Order (docs/method.md "Calibration propagation"): attention is scored, pruned and recovered first; the
+    FFN is then scored on the hidden states the *pruned* attention produces. `hidden` is updated in place, batch
     by batch, so the layer's output becomes the next layer's input.
     """
 

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .options import DEFAULT_DAMPING
 from .scoring import MomentAccumulator
 
 
@@ -116,7 +115,7 @@ def _cholesky(a: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
 
 def refit_to_target(moments: CrossMoments, w_kept: torch.Tensor, b: torch.Tensor | None,
-                    damping: float = DEFAULT_DAMPING, kept: torch.Tensor | None = None) -> LeastSquaresFit:
+                    damping: float, kept: torch.Tensor | None = None) -> LeastSquaresFit:
     """W' = (C_tK + lambda W_K)(C_KK + lambda I)^-1, b' = mean(t) - W' mean(x_K), from streamed moments.
 
     `w_kept` is the dense projection restricted to the kept input columns (out x |K|), `b` its bias.
@@ -151,7 +150,7 @@ def refit_to_target(moments: CrossMoments, w_kept: torch.Tensor, b: torch.Tensor
 
 
 def refit_from_input_moments(cov: torch.Tensor, mean: torch.Tensor, kept: torch.Tensor, w: torch.Tensor,
-                             b: torch.Tensor | None, damping: float = DEFAULT_DAMPING) -> LeastSquaresFit:
+                             b: torch.Tensor | None, damping: float) -> LeastSquaresFit:
     """The same fit when the target is the dense projection on the same input (t = W x + b).
 
     `cov`/`mean` are the moments of the full input x (all channels), `kept` a bool mask over them,

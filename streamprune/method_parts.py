@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .allocation import HeadUnits, LayerPlan
-from .least_squares import DEFAULT_DAMPING, CrossMoments, LeastSquaresFit, refit_from_input_moments, refit_to_target
+from .least_squares import CrossMoments, LeastSquaresFit, refit_from_input_moments, refit_to_target
 from .reconstruction import ReconstructionSettings
 from .recovery import RegressionFit, RegressionSums, apply_fit, fit_from_moments
 from .refit_selection import keep_units_by_refit_error, prune_columns_by_refit_error
@@ -43,18 +43,22 @@ from .scoring import (
 
 @dataclass(frozen=True)
 class MethodSwitches:
-    """The user's method options (ratios are handled in allocation)."""
+    """The options the per-layer method reads (ratios are handled in allocation).
 
-    greedy: bool = True
-    feature_space: bool = True
-    regression: bool = True
-    recovery: str = "lstsq"  # with regression: "lstsq" (least squares) or "affine" (SlimLLM per-row a*y+b)
-    target: str = "pruned"  # least squares fits each sub-layer's dense output on the pruned stream ("pruned")
-    # or the dense model's own hidden states ("dense"), which also corrects error from earlier layers
-    selection: str = "slimllm"  # "slimllm" (Pearson heads, PCA channels) or "refit" (error left after the refit)
-    protect_lowest: float = 0.0  # fraction of lowest-scored FFN channels never pruned (official code: 0.01)
-    damping: float = DEFAULT_DAMPING  # ridge of the least-squares recovery, relative to mean diag of the Gram
-    reconstruction: ReconstructionSettings | None = None  # gradient reconstruction after the closed form
+    No defaults and no help here: each field is the `PruneOptions` field of the same name (options.py
+    documents it), copied by name in `PruneOptions.switches()`, except `reconstruction`, which
+    `PruneOptions.reconstruction()` assembles from the --reconstruct-* options.
+    """
+
+    greedy: bool
+    feature_space: bool
+    regression: bool
+    recovery: str
+    target: str
+    selection: str
+    protect_lowest: float
+    damping: float
+    reconstruction: ReconstructionSettings | None  # from PruneOptions.reconstruction(): None when off
 
     @property
     def least_squares(self) -> bool:
@@ -122,7 +126,7 @@ class HeadProblem:
 
 
 class SlimLLMHeads:
-    """METHOD.md section 2: leave-one-out Pearson similarity, then the greedy swap search."""
+    """docs/method.md "Head scoring": leave-one-out Pearson similarity, then the greedy swap search."""
 
     def __init__(self, greedy: bool):
         self.greedy = greedy
@@ -188,7 +192,8 @@ class ChannelChoice:
 
 
 class SlimLLMChannels:
-    """METHOD.md section 3: I_gate + I_up + I_down with the PCA feature-space weighting (or plain norms)."""
+    """docs/method.md "Channel scoring": I_gate + I_up + I_down with the PCA feature-space weighting (or
+    plain norms)."""
 
     def __init__(self, feature_space: bool, protect_lowest: float):
         self.feature_space, self.protect_lowest = feature_space, protect_lowest
@@ -349,9 +354,6 @@ def _take_fit(target: DownProjFit, fit: LeastSquaresFit) -> None:
 class NoRecovery:
     """Plain removal: kept weights unchanged, no bias added."""
 
-    adds_bias = False
-    dense_target = False
-
     def o_proj(self, p: HeadProblem, keep_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         return None
 
@@ -360,9 +362,7 @@ class NoRecovery:
 
 
 class AffineRecovery(NoRecovery):
-    """METHOD.md section 4: per output dim y_c = a_c x_c + b_c (the paper's)."""
-
-    adds_bias = True
+    """docs/method.md "Affine recovery": per output dim y_c = a_c x_c + b_c (the paper's)."""
 
     def o_proj(self, p: HeadProblem, keep_units: torch.Tensor):
         fit = _attention_affine_fit(p, keep_units.to(p.w_o.device))
@@ -375,9 +375,8 @@ class AffineRecovery(NoRecovery):
 
 
 class LeastSquaresRecovery(NoRecovery):
-    """least_squares.py: every kept weight refitted, to the sub-layer's dense output or the dense model's."""
-
-    adds_bias = True
+    """docs/method.md "Least-squares recovery": every kept weight refitted, to the sub-layer's dense output
+    or the dense model's."""
 
     def __init__(self, damping: float, dense_target: bool):
         self.damping, self.dense_target = damping, dense_target

@@ -20,10 +20,6 @@ if typing.TYPE_CHECKING:
     from .method_parts import MethodSwitches
     from .reconstruction import ReconstructionSettings
 
-DEFAULT_CALIB = "wikitext:wikitext-2-raw-v1:train"
-# Ridge of the least-squares recovery, relative to mean diag of the Gram (measured: docs/results.md).
-DEFAULT_DAMPING = 0.1
-
 
 @dataclass(frozen=True)
 class OptionInfo:
@@ -51,11 +47,12 @@ class PruneOptions:
         help="Fraction of the model's TOTAL parameters to remove (0.2 = 20 %; 0 passes the model through "
              "unchanged).", low=0, high=1, high_open=True)
     calib: str = _option(
-        DEFAULT_CALIB,
+        "wikitext:wikitext-2-raw-v1:train",
         help="Calibration text: a .txt/.jsonl/.json/.parquet file, a datasets spec 'name[:config][:split]' "
-             "(needs the Hub), 'builtin' (about 33k tokens of public-domain English prose shipped with "
-             "streamprune), 'self' to sample text from the model itself (loads the whole model; for models "
-             "that fit in memory), or a mixture A+B that draws an equal share of the windows from each.")
+             "(needs the Hub; offline, use builtin or a file), 'builtin' (about 33k tokens of public-domain English "
+             "prose shipped with streamprune), 'self' to sample text from the model itself (loads the whole model; "
+             "for models that fit in memory), 'random' (random token ids: speed benchmarks only, no tokenizer "
+             "needed), or a mixture A+B that draws an equal share of the windows from each.")
     nsamples: int = _option(128, low=1,
                             help="Calibration sequences (the least-squares refit needs more tokens than channels).")
     seqlen: int = _option(128, low=2, help="Tokens per calibration sequence.")
@@ -100,7 +97,7 @@ class PruneOptions:
         "lstsq", choices=("lstsq", "affine"),
         help="Recovery of o_proj / down_proj: a least-squares refit of every kept weight (lstsq) or the paper's "
              "per-row a*y+b (affine).")
-    damping: float = _option(DEFAULT_DAMPING, low=0, low_open=True,
+    damping: float = _option(0.1, low=0, low_open=True,  # measured: docs/results.md
                              help="Ridge of the least-squares recovery, relative to the mean diagonal of the Gram.")
     target: str = _option(
         "pruned", choices=("pruned", "dense"),
@@ -144,10 +141,10 @@ class PruneOptions:
     def switches(self) -> MethodSwitches:
         from .method_parts import MethodSwitches  # imports torch: not needed to build the command line
 
-        return MethodSwitches(greedy=self.greedy, feature_space=self.feature_space, regression=self.regression,
-                              recovery=self.recovery, damping=self.damping, target=self.target,
-                              protect_lowest=self.protect_lowest, selection=self.selection,
-                              reconstruction=self.reconstruction())
+        # By name, so a method option is one PruneOptions field plus one MethodSwitches field; the reconstruction
+        # settings are the one field assembled from several options.
+        names = [f.name for f in dataclasses.fields(MethodSwitches) if f.name != "reconstruction"]
+        return MethodSwitches(**{n: getattr(self, n) for n in names}, reconstruction=self.reconstruction())
 
     def reconstruction(self) -> ReconstructionSettings | None:
         """The reconstruction settings, or None when --reconstruct is off."""
@@ -176,7 +173,8 @@ class PruneOptions:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in SPEED_ONLY}
 
 
-# SlimLLM as published (METHOD.md): its calibration size, its per-row a*y+b recovery, its scores.
+# SlimLLM as published (docs/method.md "The paper's figures"): its calibration size, its per-row a*y+b
+# recovery, its scores.
 # `streamprune run --paper` and `prune(..., **PAPER_METHOD)` select it.
 PAPER_METHOD = {"nsamples": 32, "recovery": "affine", "selection": "slimllm", "target": "pruned",
                 "protect_lowest": 0.0, "attention_scale": 1.0, "split": "fixed",

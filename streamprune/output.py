@@ -10,6 +10,7 @@ complete is complete. Other formats (the GGUF export) read the published folder.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -93,6 +94,21 @@ class HFFolderOutput:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(self.staging, self.out_dir)
+
+
+def finished_run_differences(out_dir: Path, fingerprint: dict) -> list[str] | None:
+    """How the finished run in OUT_DIR differs from a run with `fingerprint` (run_state.run_fingerprint):
+    [] when it is the same run (same input checkpoint, same result-changing options), e.g. ['input checkpoint',
+    'nsamples 8 -> 16'] when not, None when OUT_DIR holds no report with a fingerprint (not a streamprune
+    output, or one written before reports recorded it)."""
+    try:
+        done = json.loads((out_dir / REPORT_NAME).read_text(encoding="utf-8"))["fingerprint"]
+        old_options, new_options = done["options"], fingerprint["options"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    diffs = [] if done.get("format") == fingerprint["format"] else ["report format"]
+    diffs += [] if done.get("model") == fingerprint["model"] else ["input checkpoint"]
+    return diffs + [f"{k} {old_options.get(k)} -> {v}" for k, v in new_options.items() if old_options.get(k) != v]
 
 
 def read_report(out_dir: str | Path) -> dict:

@@ -1,4 +1,4 @@
-"""Linear-regression recovery of o_proj and down_proj (METHOD.md section 4).
+"""Linear-regression recovery of o_proj and down_proj (docs/method.md "Affine recovery").
 
 For every output dim c, fit y_c = a_c x_c + b_c by least squares, where y is the dense sub-layer output
 and x the pruned one on the same input. The fit needs only per-dim sums, accumulated in float64.

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import torch
 
-from .least_squares import DEFAULT_DAMPING
-
 SELECTION_DTYPE = torch.float32
 
 
@@ -39,7 +37,7 @@ def _damped_inverse(cov: torch.Tensor, damping: float, dtype: torch.dtype) -> to
     return torch.cholesky_inverse(factor)
 
 
-def prune_columns_by_refit_error(w: torch.Tensor, cov: torch.Tensor, count: int, damping: float = DEFAULT_DAMPING,
+def prune_columns_by_refit_error(w: torch.Tensor, cov: torch.Tensor, count: int, damping: float,
                                  dtype: torch.dtype = SELECTION_DTYPE) -> torch.Tensor:
     """Indices of `count` input columns of `w` (out x n) to prune, greedily by refit error."""
     hinv = _damped_inverse(cov, damping, dtype)
@@ -60,7 +58,7 @@ def prune_columns_by_refit_error(w: torch.Tensor, cov: torch.Tensor, count: int,
 
 
 def keep_units_by_refit_error(w: torch.Tensor, cov: torch.Tensor, unit_size: int, buckets: torch.Tensor,
-                              prune_per_bucket: int, damping: float = DEFAULT_DAMPING,
+                              prune_per_bucket: int, damping: float,
                               dtype: torch.dtype = SELECTION_DTYPE) -> torch.Tensor:
     """Keep mask over units (blocks of `unit_size` consecutive columns of `w`): in every bucket
     `prune_per_bucket` units are pruned, chosen greedily by refit error across all buckets."""

@@ -1,4 +1,4 @@
-"""Head and channel importance (METHOD.md sections 2 and 3), computed from running statistics.
+"""Head and channel importance (docs/method.md "Head scoring" and "Channel scoring"), computed from running statistics.
 
 Heads: every quantity the Pearson similarity and the greedy search need is a second-order statistic
 of the head outputs. With Y_u = A_u W_o,u^T the contribution of unit u (a head, or a KV group of heads)
@@ -147,7 +147,7 @@ def initial_keep(scores: torch.Tensor, buckets: torch.Tensor, prune_per_bucket: 
 
 
 def greedy_swap(stats: UnitStats, keep: torch.Tensor, buckets: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-    """The greedy search of METHOD.md: for each initially pruned unit p, try swapping it with every
+    """The greedy search of docs/method.md "Head scoring": for each initially pruned unit p, try swapping it with every
     kept unit k of the same bucket and apply the swap that most increases sim(S), if any does.
 
     Swaps are evaluated in closed form from M: with q = M s (s the kept indicator),
@@ -196,7 +196,7 @@ PCA_DTYPE = torch.float32
 
 @dataclass
 class FeatureSpace:
-    """The PCA weighting of METHOD.md section 3 in the form the channel scores use:
+    """The PCA weighting of docs/method.md "Channel scoring" in the form the channel scores use:
     ||q_i||^2 = floor * ||u_i||^2 + ||u_i basis||^2 for every down vector u_i (basis: C x r)."""
 
     basis: torch.Tensor
@@ -206,7 +206,7 @@ class FeatureSpace:
 def feature_space_from_covariance(cov_y: torch.Tensor, dtype: torch.dtype = PCA_DTYPE) -> FeatureSpace:
     """PCA of the FFN output covariance (C x C): basis = V diag(w), w_k = sigmoid(|l_k| / mean|l|).
 
-    METHOD.md's q_i = |u_i V| * w only enters the scores through its norm, and
+    The definition's q_i = |u_i V| * w only enters the scores through its norm, and
     ||q_i|| = || u_i V diag(w) ||: the absolute value drops out, and folding w into the basis once
     saves an I x C multiply per channel chunk.
     """
@@ -264,7 +264,7 @@ def channel_scores(
     feature_space: FeatureSpace | None,
     chunk: int = 2048,
 ) -> torch.Tensor:
-    """Channel score I_gate + I_up + I_down (METHOD.md section 3), float64, length I.
+    """Channel score I_gate + I_up + I_down (docs/method.md "Channel scoring"), float64, length I.
 
     x_sq_sum: per-feature sum of squares of the FFN input (C); z_sq_sum: per-channel sum of squares of
     act(gate) * up (I); feature_space: the PCA weighting of the FFN output. With None (the

@@ -1,4 +1,4 @@
-"""A deliberately literal, in-memory SlimLLM reference, written from docs METHOD.md for tests only.
+"""A deliberately literal, in-memory SlimLLM reference, written from docs/method.md for tests only.
 
 The streaming engine (`streamprune`) never materialises per-token quantities after a layer's forward:
 it scores heads from the covariance of the attention output, fits the regression from running sums,
@@ -40,11 +40,13 @@ class RefPlan:
 
 @dataclass(frozen=True)
 class RefSwitches:
-    """The method parts the ablations switch off (METHOD.md section 5)."""
+    """The method parts the ablations switch off (docs/method.md "The paper's figures")."""
 
     greedy: bool = True
     feature_space: bool = True
     regression: bool = True
+    recovery: str = "lstsq"  # "lstsq" (docs/method.md "Least-squares recovery") or "affine" (the paper's)
+    damping: float = 0.1  # the least-squares ridge, relative to the mean diagonal of the kept inputs' covariance
 
 
 @dataclass
@@ -154,7 +156,7 @@ def _ffn_inner(mlp, x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Section 2: Pearson similarity and greedy search
+# Head scoring: Pearson similarity and greedy search
 # ----------------------------------------------------------------------------------------------
 
 
@@ -209,7 +211,7 @@ def select_units(unit_out: list[torch.Tensor], buckets: list[int], prune_per_buc
 
 
 # ----------------------------------------------------------------------------------------------
-# Section 3: channel scores
+# Channel scoring
 # ----------------------------------------------------------------------------------------------
 
 
@@ -233,7 +235,7 @@ def channel_scores(x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, w_gate: to
 
 
 # ----------------------------------------------------------------------------------------------
-# Section 4: regression
+# Recovery: least squares (the default) and the paper's per-row affine fit
 # ----------------------------------------------------------------------------------------------
 
 
@@ -245,12 +247,29 @@ def regression_fit(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torc
         xc, yc = x[:, c], y[:, c]
         dx, dy = xc - xc.mean(), yc - yc.mean()
         var = (dx * dx).mean()
-        if var == 0:  # METHOD.md's guard: no slope can be fitted, shift the mean only
+        if var == 0:  # docs/method.md "Affine recovery" guard: no slope can be fitted, shift the mean only
             a[c], b[c] = 1.0, yc.mean() - xc.mean()
         else:
             a[c] = (dx * dy).mean() / var
             b[c] = yc.mean() - a[c] * xc.mean()
     return a, b
+
+
+def least_squares_fit(x: torch.Tensor, t: torch.Tensor, kept: torch.Tensor, w_kept: torch.Tensor,
+                      damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', b') minimising sum over tokens ||t - W' x_K - b'||^2 + lambda N ||W' - W[:, K]||^2, literally: one
+    float64 `torch.linalg.lstsq` over the token rows [x_K, 1] -> t plus the ridge as |K| extra rows
+    sqrt(lambda N) [I, 0] -> sqrt(lambda N) W[:, K]^T (the intercept undamped). lambda = damping times the
+    mean population variance of the kept inputs."""
+    x_k = x[:, kept]
+    n, k = x_k.shape
+    lam = damping * float(((x_k - x_k.mean(0)) ** 2).mean(0).mean())
+    root = (lam * n) ** 0.5
+    design = torch.cat([torch.cat([x_k, torch.ones(n, 1, dtype=x.dtype)], 1),
+                        torch.cat([root * torch.eye(k, dtype=x.dtype), torch.zeros(k, 1, dtype=x.dtype)], 1)])
+    target = torch.cat([t, root * w_kept.T])
+    solution = torch.linalg.lstsq(design, target, driver="gelsd").solution  # (|K| + 1, out)
+    return solution[:k].T.contiguous(), solution[k].clone()
 
 
 def _recovered(weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor):
@@ -265,7 +284,7 @@ def _recovered(weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
 
 
 def layer_cosines(hidden: Sequence[torch.Tensor]) -> list[float]:
-    """METHOD.md section 1: s_l = mean over tokens of cos(x_l, y_l), from the per-layer inputs of a dense
+    """docs/method.md "Layer ratios": s_l = mean over tokens of cos(x_l, y_l), from the per-layer inputs of a dense
     run (`RefResult.hidden` with all-zero plans)."""
     return [float(torch.nn.functional.cosine_similarity(x, y, dim=-1).mean())
             for x, y in zip(hidden[:-1], hidden[1:], strict=True)]
@@ -297,7 +316,7 @@ def _prune_layer(layer, prefix: str, x_in: torch.Tensor, cos, sin, plan: RefPlan
     for name in norms:
         out[prefix + name] = layer.get_parameter(name).clone()
 
-    # ---- attention (METHOD.md section 2, then section 4 for o_proj) ----
+    # ---- attention (docs/method.md "Head scoring", then "Affine recovery" for o_proj) ----
     a_heads = head_outputs(layer, rms_norm(layer.input_layernorm, x_in), cos, sin).reshape(n * t, -1, d)
     n_heads = a_heads.shape[1]
     n_kv = attn.k_proj.weight.shape[0] // d
@@ -323,7 +342,11 @@ def _prune_layer(layer, prefix: str, x_in: torch.Tensor, cos, sin, plan: RefPlan
         y_dense, x_pruned = y_dense + b_o, x_pruned + b_o
     new_w_o, new_b_o = w_o[:, cols], b_o
     attn_out = x_pruned
-    if plan.prune_units_per_bucket > 0 and switches.regression:
+    if plan.prune_units_per_bucket > 0 and switches.regression and switches.recovery == "lstsq":
+        a_all = a_heads.reshape(n * t, -1)  # o_proj's input, every head
+        new_w_o, new_b_o = least_squares_fit(a_all, y_dense, cols, w_o[:, cols], switches.damping)
+        attn_out = a_all[:, cols] @ new_w_o.T + new_b_o
+    elif plan.prune_units_per_bucket > 0 and switches.regression:
         a, b = regression_fit(x_pruned, y_dense)
         info.o_fit = (a, b)
         new_w_o, new_b_o = _recovered(new_w_o, b_o, a, b)
@@ -336,9 +359,9 @@ def _prune_layer(layer, prefix: str, x_in: torch.Tensor, cos, sin, plan: RefPlan
     out[prefix + "self_attn.o_proj.weight"] = new_w_o.clone()
     if new_b_o is not None:
         out[prefix + "self_attn.o_proj.bias"] = new_b_o.clone()
-    h = x_in + attn_out.reshape(n, t, c_dim)  # section 0: the FFN sees the pruned, recovered attention
+    h = x_in + attn_out.reshape(n, t, c_dim)  # "Calibration propagation": the FFN sees the pruned, recovered attention
 
-    # ---- FFN (METHOD.md section 3, then section 4 for down_proj) ----
+    # ---- FFN (docs/method.md "Channel scoring", then "Affine recovery" for down_proj) ----
     x = rms_norm(layer.post_attention_layernorm, h).reshape(n * t, c_dim)  # FFN input over all N tokens
     z = _ffn_inner(mlp, x)
     w_down, b_down = mlp.down_proj.weight, mlp.down_proj.bias
@@ -356,7 +379,10 @@ def _prune_layer(layer, prefix: str, x_in: torch.Tensor, cos, sin, plan: RefPlan
     x_ffn = z[:, ch] @ w_down[:, ch].T + (0 if b_down is None else b_down)
     new_w_down, new_b_down = w_down[:, ch], b_down
     ffn_out = x_ffn
-    if plan.prune_channels > 0 and switches.regression:
+    if plan.prune_channels > 0 and switches.regression and switches.recovery == "lstsq":
+        new_w_down, new_b_down = least_squares_fit(z, y_ffn, ch, w_down[:, ch], switches.damping)
+        ffn_out = z[:, ch] @ new_w_down.T + new_b_down
+    elif plan.prune_channels > 0 and switches.regression:
         a, b = regression_fit(x_ffn, y_ffn)
         info.down_fit = (a, b)
         new_w_down, new_b_down = _recovered(new_w_down, b_down, a, b)

@@ -25,6 +25,11 @@ SMOLLM2 = {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "
 SMOLLM2_PARAMS = 134_515_008
 
 
+def _solve(shape, params, ratio, scores, **options):
+    """solve_allocation with the method's own choices (heads, with recovery) unless `options` say otherwise."""
+    return solve_allocation(shape, params, ratio, scores, **{"gqa_mode": "heads", "regression": True, **options})
+
+
 def _scores(n):
     return [0.80 + 0.15 * (i / (n - 1)) - 0.3 * (i == 0) for i in range(n)]  # first layer least redundant
 
@@ -33,7 +38,7 @@ def _scores(n):
 @pytest.mark.parametrize(("config", "params"), [(LLAMA7B, LLAMA7B_PARAMS), (SMOLLM2, SMOLLM2_PARAMS)])
 def test_target_hit_within_half_a_percent(config, params, ratio):
     shape = read_shape(config)
-    alloc = solve_allocation(shape, params, ratio, _scores(shape.num_layers))
+    alloc = _solve(shape, params, ratio, _scores(shape.num_layers))
     assert abs(alloc.achieved_ratio - ratio) < 0.005
     assert sum(p.multiplier > 0 for p in alloc.plans) == default_num_pruned_layers(ratio, shape.num_layers)
 
@@ -47,7 +52,7 @@ def test_reference_layer_counts_and_multipliers():
 
 def test_uniform_allocation_prunes_every_layer_equally():
     shape = read_shape(LLAMA7B)
-    alloc = solve_allocation(shape, LLAMA7B_PARAMS, 0.2, None, attention_scale=1.0)
+    alloc = _solve(shape, LLAMA7B_PARAMS, 0.2, None, attention_scale=1.0)
     heads = {p.prune_units_per_bucket for p in alloc.plans}
     assert len(heads) == 1 and heads != {0}
     assert max(p.prune_channels for p in alloc.plans) - min(p.prune_channels for p in alloc.plans) <= 1
@@ -55,12 +60,12 @@ def test_uniform_allocation_prunes_every_layer_equally():
 
 def test_default_attention_share_keeps_heads_below_35_percent_and_three_quarters_of_the_ffn_rate_above():
     shape = read_shape(LLAMA7B)
-    low = solve_allocation(shape, LLAMA7B_PARAMS, 0.2, _scores(32))
+    low = _solve(shape, LLAMA7B_PARAMS, 0.2, _scores(32))
     assert low.attention_scale == 0.0 and all(p.prune_units_per_bucket == 0 for p in low.plans)
     assert abs(low.achieved_ratio - 0.2) < 1e-3  # the FFN takes the whole budget
-    high = solve_allocation(shape, LLAMA7B_PARAMS, 0.5, _scores(32))
-    explicit = solve_allocation(shape, LLAMA7B_PARAMS, 0.5, _scores(32), attention_scale=0.75)
-    paper = solve_allocation(shape, LLAMA7B_PARAMS, 0.5, _scores(32), attention_scale=1.0)
+    high = _solve(shape, LLAMA7B_PARAMS, 0.5, _scores(32))
+    explicit = _solve(shape, LLAMA7B_PARAMS, 0.5, _scores(32), attention_scale=0.75)
+    paper = _solve(shape, LLAMA7B_PARAMS, 0.5, _scores(32), attention_scale=1.0)
     assert high.attention_scale == 0.75 and high.plans == explicit.plans
     heads = [sum(p.prune_units_per_bucket for p in a.plans) for a in (high, paper)]
     assert 0 < heads[0] < heads[1]  # fewer heads than the paper's equal share, more channels
@@ -70,7 +75,7 @@ def test_default_attention_share_keeps_heads_below_35_percent_and_three_quarters
 
 def test_attention_scale_moves_removal_between_heads_and_channels_at_the_same_total():
     shape = read_shape(LLAMA7B)
-    by_scale = {s: solve_allocation(shape, LLAMA7B_PARAMS, 0.3, _scores(32), attention_scale=s) for s in (0.5, 1, 2)}
+    by_scale = {s: _solve(shape, LLAMA7B_PARAMS, 0.3, _scores(32), attention_scale=s) for s in (0.5, 1, 2)}
     heads = [sum(p.prune_units_per_bucket for p in a.plans) for a in by_scale.values()]
     channels = [sum(p.prune_channels for p in a.plans) for a in by_scale.values()]
     assert heads == sorted(heads) and heads[0] < heads[-1]
@@ -81,12 +86,12 @@ def test_attention_scale_moves_removal_between_heads_and_channels_at_the_same_to
 def test_impossible_ratio_is_refused_with_the_maximum():
     shape = read_shape(SMOLLM2)
     with pytest.raises(StreamPruneError, match="too large: at most"):
-        solve_allocation(shape, SMOLLM2_PARAMS, 0.9, _scores(30))
+        _solve(shape, SMOLLM2_PARAMS, 0.9, _scores(30))
 
 
 def test_every_layer_keeps_a_head_per_group_and_a_channel():
     shape = read_shape(SMOLLM2)
-    alloc = solve_allocation(shape, SMOLLM2_PARAMS, 0.6, _scores(30))
+    alloc = _solve(shape, SMOLLM2_PARAMS, 0.6, _scores(30))
     for plan in alloc.plans:
         assert plan.prune_units_per_bucket <= 2 and plan.prune_channels <= 1535
 
@@ -96,7 +101,7 @@ def test_equal_budget_plans_move_the_same_budget_between_heads_and_channels(conf
     shape = read_shape(config)
     units = head_units(shape, "heads")
     counter = RemovalCounter(shape, units, regression=True)
-    allocation = solve_allocation(shape, SMOLLM2_PARAMS if config is SMOLLM2 else LLAMA7B_PARAMS, 0.5,
+    allocation = _solve(shape, SMOLLM2_PARAMS if config is SMOLLM2 else LLAMA7B_PARAMS, 0.5,
                                   _scores(shape.num_layers))
     plan = min(allocation.plans, key=lambda p: abs(p.ratio - 0.5))  # room to move both ways
     candidates = equal_budget_plans(plan, shape, units, regression=True)

@@ -14,8 +14,7 @@ from click.testing import CliRunner
 from streamprune import cli
 from streamprune.batch import BatchSettings, load_manifest, run_batch
 from streamprune.cli import main
-
-FAST = {"nsamples": 4, "seqlen": 16, "dtype": "float32"}
+from tests.helpers import FAST_OPTIONS
 
 
 def _csv(path: Path, header: str, *rows: str) -> Path:
@@ -157,7 +156,8 @@ def three_ratios_and_a_failure(models, calib_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("batch")
     shutil.copytree(models("llama-gqa"), root / "model")
     shutil.copy(calib_file, root / "calib.txt")
-    rows = [f"model,out/r{int(r * 100)},{r},calib.txt,{FAST['nsamples']},{FAST['seqlen']},{FAST['dtype']}"
+    fast = FAST_OPTIONS
+    rows = [f"model,out/r{int(r * 100)},{r},calib.txt,{fast['nsamples']},{fast['seqlen']},{fast['dtype']}"
             for r in (0.2, 0.35, 0.5)]
     rows.append("no-such-model,out/bad,0.2,calib.txt,4,16,float32")
     manifest = _csv(root / "jobs.csv", "model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype", *rows)

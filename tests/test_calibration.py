@@ -242,7 +242,48 @@ def test_unreachable_dataset_fails_fast_offline(monkeypatch, tok):
         load_calibration("no-such-owner/no-such-dataset:default:train", tok, 2, 8, seed=0)
     message = str(info.value)
     assert "no-such-owner/no-such-dataset" in message and "offline mode" in message
-    assert "local .txt" in message and "\n" not in message
+    assert "--calib builtin" in message and "local .txt" in message and "\n" not in message
+
+
+def _online_mode(monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+
+
+def test_unreachable_hub_fails_at_once_naming_the_offline_choices(monkeypatch, tok):
+    import time
+
+    _online_mode(monkeypatch)
+    monkeypatch.setattr(calibration, "hub_reachable", lambda: False)
+    monkeypatch.setattr("datasets.load_dataset", lambda *a, **k: pytest.fail("load_dataset would retry for 30 s"))
+    started = time.perf_counter()
+    with pytest.raises(CalibrationError) as info:
+        load_calibration("wikitext:wikitext-2-raw-v1:train", tok, 2, 8, seed=0)
+    assert time.perf_counter() - started < 1
+    message = str(info.value)
+    assert message.startswith("cannot reach the Hugging Face Hub to load dataset 'wikitext:wikitext-2-raw-v1:train'")
+    assert "--calib builtin" in message and "HF_HUB_OFFLINE=1" in message and "\n" not in message
+
+
+def test_offline_mode_does_not_probe_the_hub(monkeypatch, tok):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(calibration, "hub_reachable", lambda: pytest.fail("probed the Hub in offline mode"))
+    with pytest.raises(CalibrationError, match="--calib builtin"):
+        load_calibration("no-such-owner/no-such-dataset", tok, 2, 8, seed=0)
+
+
+def test_hub_probe_is_one_quick_request(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once, no network
+    started = time.perf_counter()
+    assert calibration.hub_reachable(timeout=2) is False
+    assert time.perf_counter() - started < 2.5
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -420,3 +461,15 @@ def test_self_calibration_refuses_a_model_larger_than_free_memory(tiny_llama, to
     assert message.startswith("--calib self loads the whole model (")
     assert "GB on cpu), but only 0.0 GB is free" in message
     assert "\n" not in message and "use a text source" in message
+
+
+def test_random_ids_need_no_tokenizer(tmp_path):
+    from tests.tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m", layers=1, tokenizer=False)
+    ids = calibration.calibration_ids("random", None, 6, 16, seed=3, model_dir=model)
+    expected = torch.randint(0, 320, (6, 16), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ids, expected)
+    assert calibration.describe_source("random") == "random token ids"
+    with pytest.raises(CalibrationError, match="--calib random needs the model folder"):
+        calibration.calibration_ids("random", None, 6, 16, seed=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from click.testing import CliRunner
 
 from streamprune.cli import main
@@ -19,11 +20,16 @@ def test_run_prints_a_summary_and_writes_the_model(models, calib_file, tmp_path)
 
 
 def test_run_help_documents_every_option():
+    """Every schema option, plus run's own flags, appears in --help with its help text's start."""
+    from streamprune.options import cli_flag, fields, info
+
     result = CliRunner().invoke(main, ["run", "--help"])
-    for option in ("--ratio", "--calib", "--nsamples", "--seqlen", "--seed", "--device", "--dtype", "--alpha",
-                   "--no-greedy", "--no-feature-space", "--uniform", "--no-regression", "--quiet", "--gqa-mode",
-                   "--paper", "--recovery", "--selection", "--target", "--damping", "--protect-lowest"):
-        assert option in result.output
+    help_text = " ".join(result.output.split())
+    for f in fields():
+        assert cli_flag(f) in help_text, cli_flag(f)
+        assert " ".join(info(f).help.split()[:3]) in help_text, f.name
+    for flag in ("--paper", "--overwrite", "--restart", "--shared-cache", "--quiet", "--json", "--gguf"):
+        assert flag in help_text
 
 
 def test_paper_preset_selects_the_published_method_and_explicit_options_win(models, calib_file, tmp_path):
@@ -51,3 +57,31 @@ def test_bad_method_options_are_one_line_errors(models, calib_file, tmp_path):
                                            "--calib", str(calib_file), "--nsamples", "4", "--seqlen", "16", *args])
         assert result.exit_code != 0 and message in result.output
         assert "Traceback" not in result.output and not (tmp_path / "o").exists()
+
+
+def test_default_calibration_offline_fails_fast_naming_builtin(models, tmp_path, monkeypatch):
+    """`run MODEL OUT --ratio 0.2` with the default --calib (a datasets spec) and no Hub: one line naming
+    --calib builtin, at once, and no OUT_DIR."""
+    import time
+
+    import datasets
+    import huggingface_hub
+
+    from streamprune import calibration
+
+    monkeypatch.setattr(calibration, "hub_reachable", lambda: pytest.fail("probed the Hub in offline mode"))
+    for offline in (True, False):  # HF_HUB_OFFLINE set; then online but the Hub does not answer
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1" if offline else "0")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", offline)
+        if not offline:
+            monkeypatch.setattr(calibration, "hub_reachable", lambda: False)
+        started = time.perf_counter()
+        result = CliRunner().invoke(main, ["run", str(models("llama-gqa")), str(tmp_path / "o"), "--ratio", "0.2"])
+        assert time.perf_counter() - started < 20
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: cannot ")
+        assert "wikitext:wikitext-2-raw-v1:train" in lines[0] and "--calib builtin" in lines[0]
+        assert not (tmp_path / "o").exists()

@@ -94,7 +94,7 @@ def test_float32_batches_accumulate_like_float64():
         exact.add(xb, tb)
         single.add(xb.float(), tb.float())
     w = torch.zeros(4, 16, dtype=torch.float64)
-    a, b = refit_to_target(exact, w, None), refit_to_target(single, w, None)
+    a, b = refit_to_target(exact, w, None, 0.1), refit_to_target(single, w, None, 0.1)
     assert torch.allclose(a.weight, b.weight, rtol=1e-4, atol=1e-5)
 
 

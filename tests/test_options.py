@@ -94,3 +94,36 @@ def test_device_defaults_to_auto_everywhere(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda", 0)
+
+
+def test_method_switches_are_schema_fields_without_defaults_of_their_own():
+    from streamprune.method_parts import MethodSwitches
+
+    schema = {f.name: f for f in options.fields()}
+    for f in dataclasses.fields(MethodSwitches):
+        # `reconstruction` is assembled from the --reconstruct-* fields by PruneOptions.reconstruction().
+        assert f.name in schema or f.name == "reconstruction", f"MethodSwitches.{f.name} is not a PruneOptions field"
+        assert f.default is dataclasses.MISSING, f"MethodSwitches.{f.name} repeats a default"
+    assert PruneOptions(ratio=0.2).switches().reconstruction is None
+    settings = PruneOptions(ratio=0.2, reconstruct="both", reconstruct_lr=0.01, seed=3).switches().reconstruction
+    assert settings.windows == ("attention", "mlp") and settings.lr == 0.01 and settings.seed == 3
+    switches = PruneOptions(ratio=0.2, damping=0.3, recovery="affine", greedy=False).switches()
+    assert (switches.damping, switches.recovery, switches.greedy) == (0.3, "affine", False)
+
+
+def test_maths_modules_do_not_import_the_options_schema():
+    """least_squares (and the selectors built on it) take their settings as arguments: no import cycle
+    options -> method_parts -> least_squares -> options."""
+    import subprocess
+    import sys
+
+    code = ("import sys, streamprune.least_squares, streamprune.refit_selection, streamprune.allocation; "
+            "print('streamprune.options' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_demo_ratio_is_the_schema_option_with_its_range_and_message():
+    result = CliRunner().invoke(cli.main, ["demo", "--ratio", "1"])
+    assert result.exit_code != 0
+    assert "--ratio must be at least 0 and below 1, got 1.0" in result.output

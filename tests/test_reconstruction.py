@@ -22,7 +22,7 @@ from streamprune.reconstruction import (
 )
 from streamprune.report import report_table
 from tests.conftest import CALIB
-from tests.test_robustness import FAST, _cli, output_digest
+from tests.helpers import FAST, output_digest, run_cli_process
 
 # Enough sequences for a held-out set, and a learning rate suited to tiny random weights (std 0.02).
 RECON = {**CALIB, "nsamples": 20, "seqlen": 16, "reconstruct_lr": 3e-4, "reconstruct_epochs": 6}
@@ -250,7 +250,8 @@ def test_a_reconstruction_that_would_not_fit_is_refused_in_one_line_before_pass_
 
 
 def test_cli_refuses_unknown_reconstruct_choice(models, tmp_path):
-    result = _cli([str(models("llama-gqa")), str(tmp_path / "o"), "--ratio", "0.2", "--reconstruct", "all", *FAST])
+    args = [str(models("llama-gqa")), str(tmp_path / "o"), "--ratio", "0.2", "--reconstruct", "all", *FAST]
+    result = run_cli_process(args)
     assert result.returncode != 0 and "Traceback" not in result.stderr and "--reconstruct" in result.stderr
 
 
@@ -260,11 +261,11 @@ def test_killed_in_the_middle_of_a_reconstruction_resumes_to_identical_bytes(mod
             "--reconstruct-epochs", "3", "--attention-scale", "1", "--nsamples", "10", "--seqlen", "16",
             "--quiet", "--dtype", "float32"]
     src = str(models("llama-sharded"))
-    clean = _cli([src, str(tmp_path / "clean"), *args])
+    clean = run_cli_process([src, str(tmp_path / "clean"), *args])
     assert clean.returncode == 0, clean.stderr
     out = tmp_path / "out"
-    killed = _cli([src, str(out), *args], fault="reconstruct:2")
+    killed = run_cli_process([src, str(out), *args], fault="reconstruct:2")
     assert killed.returncode == -9 and not out.exists()
-    resumed = _cli([src, str(out), *args])
+    resumed = run_cli_process([src, str(out), *args])
     assert resumed.returncode == 0, resumed.stderr
     assert output_digest(out) == output_digest(tmp_path / "clean")

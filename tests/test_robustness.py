@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,27 +14,16 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from streamprune.cli import main
+from tests.helpers import (
+    FAST,
+    FAST_OPTIONS,
+    assert_clean_failure,
+    folder_digest,
+    output_digest,
+    run_cli,
+    run_cli_process,
+)
 from tests.tiny_models import make_tiny_model
-
-FAST = ["--nsamples", "4", "--seqlen", "16", "--quiet", "--dtype", "float32"]
-
-
-def folder_digest(path: Path) -> str:
-    """Names and bytes of every file under `path`: equal digests mean the folder is unchanged."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def output_digest(path: Path) -> str:
-    """Like folder_digest, without the report (it holds timings and memory figures)."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != "streamprune_report.json"):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture
@@ -90,23 +76,12 @@ BROKEN_INPUTS = [
 ]
 
 
-def _run(args: list[str]):
-    return CliRunner().invoke(main, ["run", *args])
-
-
-def _assert_clean_failure(result, message: str) -> None:
-    assert result.exit_code != 0
-    assert message in result.output, result.output
-    assert "Traceback" not in result.output
-    assert len([line for line in result.output.splitlines() if line.strip()]) <= 3
-
-
 @pytest.mark.parametrize(("case", "message"), BROKEN_INPUTS)
 def test_broken_model_folder_fails_cleanly_and_is_untouched(model, calib_file, tmp_path, case, message):
     _break(model, case)
     before = folder_digest(model)
-    result = _run([str(model), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(calib_file), *FAST])
-    _assert_clean_failure(result, message)
+    result = run_cli([str(model), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(calib_file), *FAST])
+    assert_clean_failure(result, message)
     assert folder_digest(model) == before
     assert not (tmp_path / "out").exists()
 
@@ -130,28 +105,28 @@ def test_bad_arguments_fail_cleanly(model, calib_file, tmp_path, extra, message)
     args = [str(model), str(tmp_path / "out"), "--calib", str(calib_file), *FAST]
     if "--ratio" not in extra:
         args += ["--ratio", "0.2"]
-    result = _run(args + extra)
-    _assert_clean_failure(result, message)
+    result = run_cli(args + extra)
+    assert_clean_failure(result, message)
     assert folder_digest(model) == before and not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_cuda_without_gpu(model, calib_file, tmp_path):
-    result = _run([str(model), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(calib_file), *FAST,
+    result = run_cli([str(model), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(calib_file), *FAST,
                    "--device", "cuda"])
-    _assert_clean_failure(result, "no CUDA GPU is available; use --device cpu")
+    assert_clean_failure(result, "no CUDA GPU is available; use --device cpu")
 
 
 def test_missing_model_dir(tmp_path, calib_file):
-    result = _run([str(tmp_path / "nope"), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(calib_file)])
-    _assert_clean_failure(result, "does not exist")
+    result = run_cli([str(tmp_path / "nope"), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(calib_file)])
+    assert_clean_failure(result, "does not exist")
 
 
 def test_out_dir_equal_to_or_inside_model_dir(model, calib_file):
     before = folder_digest(model)
     for out in (model, model / "pruned"):
-        result = _run([str(model), str(out), "--ratio", "0.2", "--calib", str(calib_file), *FAST])
-        _assert_clean_failure(result, "must not be MODEL_DIR or inside it")
+        result = run_cli([str(model), str(out), "--ratio", "0.2", "--calib", str(calib_file), *FAST])
+        assert_clean_failure(result, "must not be MODEL_DIR or inside it")
     assert folder_digest(model) == before
 
 
@@ -159,12 +134,57 @@ def test_non_empty_out_dir_needs_overwrite(model, calib_file, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    result = _run([str(model), str(out), "--ratio", "0.2", "--calib", str(calib_file), *FAST])
-    _assert_clean_failure(result, "is not empty; pass --overwrite")
+    result = run_cli([str(model), str(out), "--ratio", "0.2", "--calib", str(calib_file), *FAST])
+    assert_clean_failure(result, "is not empty; pass --overwrite")
     assert (out / "keep.txt").read_text() == "precious"
-    result = _run([str(model), str(out), "--ratio", "0.2", "--calib", str(calib_file), *FAST, "--overwrite"])
+    result = run_cli([str(model), str(out), "--ratio", "0.2", "--calib", str(calib_file), *FAST, "--overwrite"])
     assert result.exit_code == 0, result.output
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_rerunning_a_finished_run_is_already_complete_and_touches_nothing(model, calib_file, tmp_path):
+    out = tmp_path / "out"
+    args = [str(model), str(out), "--ratio", "0.2", "--calib", str(calib_file), *FAST]
+    assert run_cli(args).exit_code == 0
+    before, mtime = folder_digest(out), out.stat().st_mtime_ns
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines() == [
+        f"already complete: {out} holds this run (same input and options); nothing to do"]
+    assert folder_digest(out) == before and out.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]  # no staging folder either
+    json_result = CliRunner().invoke(main, ["run", *args, "--json"])
+    assert json_result.exit_code == 0 and json.loads(json_result.stdout)["fingerprint"]["options"]["ratio"] == 0.2
+
+
+def test_rerunning_with_other_options_or_input_is_refused(model, calib_file, tmp_path):
+    out = tmp_path / "out"
+    args = [str(model), str(out), "--ratio", "0.2", "--calib", str(calib_file), *FAST]
+    assert run_cli(args).exit_code == 0
+    before = folder_digest(out)
+    assert_clean_failure(run_cli([*args, "--nsamples", "5"]),
+                         f"OUT_DIR {out} holds a finished run with other options or input (nsamples 4 -> 5); "
+                         "pass --overwrite to replace it")
+    shard = _first_shard(model)
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # "another checkpoint"
+    assert_clean_failure(run_cli(args), "holds a finished run with other options or input (input checkpoint)")
+    assert folder_digest(out) == before
+    assert run_cli([*args, "--overwrite"]).exit_code == 0  # --overwrite redoes it
+    assert "already complete" in run_cli(args).output
+
+
+def test_prune_api_reports_an_already_complete_run(models, calib_file, tmp_path):
+    from streamprune import prune
+    from streamprune.errors import StreamPruneError
+
+    options = {"calib": str(calib_file), "quiet": True, **FAST_OPTIONS}
+    first = prune(models("llama-gqa"), tmp_path / "out", 0.2, **options)
+    before = folder_digest(tmp_path / "out")
+    again = prune(models("llama-gqa"), tmp_path / "out", 0.2, **options)
+    assert (first.already_complete, again.already_complete) == (False, True)
+    assert again.report == first.report and folder_digest(tmp_path / "out") == before
+    with pytest.raises(StreamPruneError, match=r"other options or input \(seed 0 -> 1\)"):
+        prune(models("llama-gqa"), tmp_path / "out", 0.2, seed=1, **options)
 
 
 @pytest.mark.parametrize(
@@ -174,8 +194,8 @@ def test_non_empty_out_dir_needs_overwrite(model, calib_file, tmp_path):
 def test_bad_calibration_sources(model, tmp_path, calib, message):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("Too short.")
-    result = _run([str(model), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(tmp_path / calib), *FAST])
-    _assert_clean_failure(result, message)
+    result = run_cli([str(model), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(tmp_path / calib), *FAST])
+    assert_clean_failure(result, message)
 
 
 def test_disk_full_while_writing(model, calib_file, tmp_path, monkeypatch):
@@ -185,8 +205,8 @@ def test_disk_full_while_writing(model, calib_file, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "save_file", full_disk)
-    result = _run([str(model), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(calib_file), *FAST])
-    _assert_clean_failure(result, "No space left on device")
+    result = run_cli([str(model), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(calib_file), *FAST])
+    assert_clean_failure(result, "No space left on device")
     assert "run the same command again to resume" in result.output
     assert not (tmp_path / "out").exists()
 
@@ -198,8 +218,8 @@ def test_fp16_overflow_names_the_layer(tmp_path, calib_file):
         tensors[name] = tensors[name] * 3000.0  # fp16 tops out at 65504
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
     args = [str(src), str(tmp_path / "out"), "--ratio", "0.2", "--calib", str(calib_file), *FAST]
-    result = _run(args[:-2] + ["--dtype", "float16"])
-    _assert_clean_failure(result, "non-finite hidden states after layer 1")
+    result = run_cli(args[:-2] + ["--dtype", "float16"])
+    assert_clean_failure(result, "non-finite hidden states after layer 1")
     assert "--dtype float32" in result.output
 
 
@@ -208,21 +228,11 @@ def test_fp16_overflow_names_the_layer(tmp_path, calib_file):
 # ----------------------------------------------------------------------------------------------
 
 
-def _cli(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("STREAMPRUNE_FAULT", None)
-    if fault:
-        env["STREAMPRUNE_FAULT"] = fault
-    cwd = Path(__file__).resolve().parents[1]
-    return subprocess.run([sys.executable, "-m", "streamprune", "run", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def clean_run(models, calib_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean") / "out"
     args = [str(models("llama-sharded")), str(out), "--ratio", "0.3", "--calib", str(calib_file), *FAST]
-    result = _cli(args)
+    result = run_cli_process(args)
     assert result.returncode == 0, result.stderr
     return args, out
 
@@ -233,10 +243,10 @@ def test_kill_9_then_resume_gives_identical_output(clean_run, tmp_path, fault):
     args, clean_out = clean_run
     out = tmp_path / "out"
     args = [args[0], str(out), *args[2:]]
-    killed = _cli(args, fault)
+    killed = run_cli_process(args, fault)
     assert killed.returncode == -9
     assert not out.exists()  # nothing that looks like a finished model
-    resumed = _cli(args)
+    resumed = run_cli_process(args)
     assert resumed.returncode == 0, resumed.stderr
     assert output_digest(out) == output_digest(clean_out)
 
@@ -246,11 +256,11 @@ def test_ctrl_c_stops_at_a_layer_boundary_and_resumes(clean_run, tmp_path):
     args, clean_out = clean_run
     out = tmp_path / "out"
     args = [args[0], str(out), *args[2:]]
-    stopped = _cli(args, "int@pass2:1")
+    stopped = run_cli_process(args, "int@pass2:1")
     assert stopped.returncode == 130
     assert "interrupted after layer 1 of pass 2; run the same command again to resume" in stopped.stderr
     assert "Traceback" not in stopped.stderr
-    assert _cli(args).returncode == 0
+    assert run_cli_process(args).returncode == 0
     assert output_digest(out) == output_digest(clean_out)
 
 
@@ -259,12 +269,12 @@ def test_resume_with_different_options_is_refused_until_restart(clean_run, tmp_p
     args, clean_out = clean_run
     out = tmp_path / "out"
     args = [args[0], str(out), *args[2:]]
-    assert _cli(args, "pass2:1").returncode == -9
+    assert run_cli_process(args, "pass2:1").returncode == -9
     changed = [a if a != "0.3" else "0.25" for a in args]
-    refused = _cli(changed)
+    refused = run_cli_process(changed)
     assert refused.returncode == 2
     assert "holds an unfinished run with different options" in refused.stderr and "--restart" in refused.stderr
-    assert _cli(changed + ["--restart"]).returncode == 0
+    assert run_cli_process(changed + ["--restart"]).returncode == 0
     assert json.loads((out / "streamprune_report.json").read_text())["options"]["ratio"] == 0.25
 
 
@@ -272,5 +282,5 @@ def test_resume_with_different_options_is_refused_until_restart(clean_run, tmp_p
 def test_two_clean_runs_are_byte_identical(clean_run, tmp_path):
     args, clean_out = clean_run
     out = tmp_path / "again"
-    assert _cli([args[0], str(out), *args[2:]]).returncode == 0
+    assert run_cli_process([args[0], str(out), *args[2:]]).returncode == 0
     assert output_digest(out) == output_digest(clean_out)

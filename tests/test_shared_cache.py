@@ -17,9 +17,9 @@ from streamprune import shared_cache
 from streamprune.checkpoint import CheckpointReader
 from streamprune.engine import model_fingerprint, prune
 from streamprune.options import PruneOptions
+from tests.helpers import FAST_OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = {"nsamples": 4, "seqlen": 16, "dtype": "float32"}
 
 
 def test_key_is_unchanged_so_existing_caches_stay_valid():
@@ -34,14 +34,14 @@ def test_key_is_unchanged_so_existing_caches_stay_valid():
 def test_the_engine_reports_the_key_of_the_entry_it_used(models, calib_file, tmp_path):
     model = models("llama-mha")
     result = prune(model, tmp_path / "out", 0.3, calib=str(calib_file), shared_cache=tmp_path / "cache", quiet=True,
-                   **FAST)
+                   **FAST_OPTIONS)
     key = shared_cache.entry_key(model_fingerprint(CheckpointReader(model)),
-                                 PruneOptions(ratio=0.3, calib=str(calib_file), **FAST), "cpu", "torch.float32")
+                                 PruneOptions(ratio=0.3, calib=str(calib_file), **FAST_OPTIONS), "cpu", "torch.float32")
     assert result.report["shared_cache_key"] == key
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
         f"calibration-{key}.safetensors", f"calibration-{key}.safetensors.lock",
         f"dense-scores-{key}.json", f"dense-scores-{key}.json.lock"]
-    without = prune(model, tmp_path / "out2", 0.3, calib=str(calib_file), quiet=True, **FAST)
+    without = prune(model, tmp_path / "out2", 0.3, calib=str(calib_file), quiet=True, **FAST_OPTIONS)
     assert without.report["shared_cache_key"] is None
 
 
@@ -121,7 +121,7 @@ def test_two_runs_racing_on_one_cache_run_the_dense_pass_once(models, calib_file
     it is taken. Without the engine's lock both would run the dense pass (neither finds the entry)."""
     model, cache = models("llama-gqa"), tmp_path / "cache"
     key = shared_cache.entry_key(model_fingerprint(CheckpointReader(model)),
-                                 PruneOptions(ratio=0.2, calib=str(calib_file), **FAST), "cpu", "torch.float32")
+                                 PruneOptions(ratio=0.2, calib=str(calib_file), **FAST_OPTIONS), "cpu", "torch.float32")
     dense = shared_cache.entry_path(cache, "dense-scores", key)
     stagings = [tmp_path / f".r{r}.streamprune-partial" for r in (20, 50)]
     with shared_cache.locked(dense):

@@ -11,7 +11,7 @@ from streamprune import engine
 from streamprune.allocation import LayerPlan
 from streamprune.split_search import search_split, split_trial_rows, standardized_error
 from tests.conftest import CALIB
-from tests.test_robustness import FAST, _cli, output_digest
+from tests.helpers import FAST, output_digest, run_cli_process
 
 
 def test_standardized_error_weights_each_dimension_by_its_dense_mean_square():
@@ -113,11 +113,11 @@ def test_fixed_split_layers_record_no_trials(pruned):
 def test_split_search_killed_mid_run_resumes_to_the_same_output(models, calib_file, tmp_path, subset):
     args = ["--ratio", "0.4", "--calib", str(calib_file), "--split", "search", *subset, *FAST]
     src = str(models("llama-sharded"))
-    clean = _cli([src, str(tmp_path / "clean"), *args])
+    clean = run_cli_process([src, str(tmp_path / "clean"), *args])
     assert clean.returncode == 0, clean.stderr
     out = tmp_path / "out"
-    killed = _cli([src, str(out), *args], fault="pass2:2")
+    killed = run_cli_process([src, str(out), *args], fault="pass2:2")
     assert killed.returncode == -9 and not out.exists()
-    resumed = _cli([src, str(out), *args])
+    resumed = run_cli_process([src, str(out), *args])
     assert resumed.returncode == 0, resumed.stderr
     assert output_digest(out) == output_digest(tmp_path / "clean")

@@ -19,10 +19,11 @@ same items come from snapshots of public GitHub repositories instead:
   can therefore differ from the harness's in the case of a few letters.
 
 Each task becomes one JSON-lines file whose fields are the ones the harness's own task (piqa, arc_easy,
-hellaswag) reads, so tools/bench_zeroshot.py can reuse its prompts and metrics unchanged. Point `--mirror`
-at the folder of snapshots (the maintainers' `fetch` tool puts them under /work/.mirror/OWNER+NAME/...).
+hellaswag) reads, so tools/bench_zeroshot.py can reuse its prompts and metrics unchanged. `--mirror` is
+a folder of repository snapshots: one folder per source repository, named OWNER+NAME, holding a git
+repository (bare, or a clone) under `repo/` whose HEAD is the commit named above.
 
-    python tools/zeroshot_data.py --mirror /work/.mirror --out ~/.cache/streamprune/zeroshot
+    python tools/zeroshot_data.py --mirror SNAPSHOTS --out ~/.cache/streamprune/zeroshot
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def write_jsonl(items: list[dict], path: Path) -> None:
 
 
 @click.command()
-@click.option("--mirror", type=click.Path(path_type=Path, exists=True), default=Path("/work/.mirror"),
-              show_default=True, help="Folder holding the repository snapshots named in SOURCES.")
+@click.option("--mirror", type=click.Path(path_type=Path, exists=True), required=True,
+              help="A folder of repository snapshots: OWNER+NAME/repo for each repository in SOURCES.")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True)
 def main(mirror: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
