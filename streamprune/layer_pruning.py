@@ -239,8 +239,6 @@ class LayerJob:
             self._reconstruct("layer", whole_input, whole_target)
             del whole_input, whole_target
         self.out.update(self.stored)  # what the two phases did not release: the norms, unchanged
-        if not torch.isfinite(self.hidden).all():
-            self.report.non_finite = True
         return LayerResult({k: v for k, v in self.out.items() if k.startswith(prefix)}, self.spec, self.report)
 
     def _batches(self) -> list[slice]:

@@ -86,7 +86,6 @@ class LayerReport:
     channels_kept: int | None = None
     channels_total: int | None = None
     reconstruction: list[dict] | None = None  # one WindowReport per reconstructed window
-    non_finite: bool | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
