@@ -347,6 +347,41 @@ def test_run_with_decilm_exports_right_after_pruning(source_dir, calib_file, tmp
     assert not (tmp_path / "out2").exists()  # refused before pruning
 
 
+def test_batch_manifest_decilm_columns_export_each_job(source_dir, calib_file, tmp_path):
+    from streamprune.batch import BatchSettings, load_manifest, run_batch
+
+    src = source_dir("dense")
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text("model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype,decilm,decilm_ffn_multiple\n"
+                        f"{src},a,0.2,{calib_file},4,16,float32,a-vllm,256\n"
+                        f"{src},b,0.3,{calib_file},4,16,float32,,\n")
+    a, b = load_manifest(manifest)
+    assert (a.decilm, a.decilm_ffn_multiple, b.decilm) == (str(tmp_path / "a-vllm"), 256, None)
+    summary = run_batch(manifest, BatchSettings(no_shared_cache=True))
+    assert [j["status"] for j in summary["jobs"]] == ["ok", "ok"], summary
+    blocks = json.loads((tmp_path / "a-vllm" / "config.json").read_text())["block_configs"]
+    assert all("ffn_mult" in b["ffn"] for b in blocks)
+    shutil.rmtree(tmp_path / "a-vllm")  # a rerun only exports it again
+    assert [j["status"] for j in run_batch(manifest, BatchSettings(no_shared_cache=True))["jobs"]] == ["ok", "skipped"]
+    assert (tmp_path / "a-vllm" / "config.json").is_file()
+    assert [j["status"] for j in run_batch(manifest, BatchSettings(no_shared_cache=True))["jobs"]] == [
+        "skipped", "skipped"]
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ("m,a,0.2,a-vllm,100\n", "decilm_ffn_multiple must be a multiple of 256, got '100'"),
+    ("m,a,0.2,x,\nm,b,0.2,x,\n", "jobs 1 and 2 both write"),
+])
+def test_batch_manifest_decilm_columns_are_validated(tmp_path, row, message):
+    from streamprune.batch import load_manifest
+    from streamprune.errors import StreamPruneError
+
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text("model_dir,out_dir,ratio,decilm,decilm_ffn_multiple\n" + row)
+    with pytest.raises(StreamPruneError, match=message):
+        load_manifest(manifest)
+
+
 # ------------------------------------------------------------------------------------------ vLLM itself
 
 
