@@ -17,10 +17,13 @@ serve them with their own model code. What the format can say, as vLLM's
   whose width is ``_find_multiple(int(2 * ffn_mult * hidden / 3), 256)``; SGLang, TensorRT-LLM and
   mlx-lm read only ``ffn_mult``. ``ffn_multiple`` pads every width with zero channels (zero gate / up
   rows and biases, zero down_proj columns: silu(0) * 0 adds nothing) to a multiple of 256 and writes
-  the ``ffn_mult`` that gives back exactly that width.
-- Biases are switched per model, not per layer: ``qkv_bias`` (q/k/v, Qwen2), ``attention_bias`` (o_proj
-  once ``qkv_bias`` is set) and ``mlp_bias`` (gate, up and down). A layer without a bias the model has
-  elsewhere (regression recovery biases some layers' o_proj / down_proj) gets a zero one: exact.
+  only ``ffn_mult`` (mlx-lm's FFN config rejects any other width key), chosen mid-block so that the
+  formula gives back exactly that width even after mlx-lm rounds it to 6 decimals.
+- Biases are switched per model, not per layer: ``attention_bias`` and ``mlp_bias`` (gate, up and down).
+  vLLM also reads ``qkv_bias`` for q/k/v apart from o_proj, but mlx-lm knows only ``attention_bias``
+  for all four, so one switch covers every attention bias: Qwen2's q/k/v biases bring zero o_proj
+  biases, a recovery's o_proj bias zero q/k/v biases (``qkv_bias`` is written equal to it). A layer
+  without a bias the model has elsewhere gets a zero one: exact.
 - No per-head q/k norm (Qwen3), only SiLU, no partial rotary, no sliding window: refused with one line,
   except Mistral's window, which caps ``max_position_embeddings`` as in the GGUF export.
 
@@ -173,16 +176,18 @@ def _kv_plan(num_heads: int, heads: int, kv: int) -> tuple[int, int]:
 
 
 def _global_biases(config, num_layers: int) -> dict[str, bool]:
-    """The model-wide bias switches: on when any layer has that bias (the others get zero biases)."""
+    """The model-wide bias switches: on when any layer has such a bias (the others get zero biases).
+    q/k/v and o_proj share one switch, as every engine can read it (see the module docstring)."""
     specs = [config.layer_spec(i) for i in range(num_layers)]
-    return {"qkv": any(s["qkv_bias"] for s in specs), "o": any(s["o_bias"] for s in specs),
-            "mlp": any(s["mlp_bias"] or s["down_bias"] for s in specs)}
+    attention = any(s["qkv_bias"] or s["o_bias"] for s in specs)
+    return {"qkv": attention, "o": attention, "mlp": any(s["mlp_bias"] or s["down_bias"] for s in specs)}
 
 
 def ffn_mult_for(width: int, hidden: int) -> float:
-    """The ffn_mult whose width (`ffn_mult_width`) is exactly `width`, a multiple of 256."""
-    mult = 1.5 * width / hidden
-    if ffn_mult_width(mult, hidden) != width:  # float rounding cannot move int() by a whole 256 block
+    """The ffn_mult whose width (`ffn_mult_width`) is exactly `width`, a multiple of 256: it aims at the
+    middle of the last 256-block, so float rounding and mlx-lm's round(ffn_mult, 6) cannot leave it."""
+    mult = round(1.5 * (width - FFN_MULT_ROUNDING // 2) / hidden, 6)
+    if ffn_mult_width(mult, hidden) != width:
         raise AssertionError(f"ffn_mult {mult} does not give back width {width}")
     return mult
 
@@ -198,6 +203,9 @@ def decilm_config(reader: CheckpointReader, shape: ModelShape, layers: list[Laye
     """config.json of the DeciLM folder."""
     src = reader.config
     cfg = {k: src[k] for k in _CARRIED_KEYS if k in src}
+    rope = {**(src.get("rope_scaling") or {}), **(src.get("rope_parameters") or {})}
+    # mlx-lm reads only the legacy top-level rope_theta (its default is 500000, not LLaMA's 10000).
+    cfg["rope_theta"] = float(rope.get("rope_theta", src.get("rope_theta", 10000.0)))
     cfg.update(architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", auto_map={"AutoConfig": CONFIG_CLASS},
                num_attention_heads=shape.num_heads, head_dim=shape.head_dim,
                max_position_embeddings=_context_length(src), attention_bias=biases["o"], qkv_bias=biases["qkv"],
@@ -207,8 +215,10 @@ def decilm_config(reader: CheckpointReader, shape: ModelShape, layers: list[Laye
 
 
 def _block_config(layer: LayerPlan, shape: ModelShape, ffn_multiple: int | None) -> dict:
-    ffn = {"no_op": False, "replace_with_linear": False, "intermediate_size": layer.ffn_written}
-    if ffn_multiple is not None:
+    ffn: dict = {"no_op": False, "replace_with_linear": False}
+    if ffn_multiple is None:
+        ffn["intermediate_size"] = layer.ffn_written
+    else:
         ffn["ffn_mult"] = ffn_mult_for(layer.ffn_written, shape.hidden_size)
     attention = {"no_op": False, "replace_with_linear": False,
                  "n_heads_in_group": shape.num_heads // layer.kv_written}

@@ -33,6 +33,7 @@ from streamprune.export_decilm import (
     _head_slots,
     _kv_plan,
     export_decilm,
+    ffn_mult_for,
     ffn_mult_width,
 )
 from streamprune.loading import load_pruned, load_tokenizer
@@ -148,10 +149,11 @@ def test_the_cases_cover_what_the_format_must_express(exported):
     assert len({b["attention"]["n_heads_in_group"] for b in blocks["kv-groups"]}) > 1
     bias_cfg = json.loads((exported("recovery-biases")[1] / "config.json").read_text())
     src_specs = _source_specs(exported("recovery-biases")[0])
-    assert bias_cfg["attention_bias"] and bias_cfg["mlp_bias"] and not bias_cfg["qkv_bias"]
+    assert bias_cfg["attention_bias"] and bias_cfg["mlp_bias"] and bias_cfg["qkv_bias"]  # one switch for all four
     assert [s["o_bias"] for s in src_specs].count(True) == 1  # the other layers get zero biases
     qwen = json.loads((exported("qwen2")[1] / "config.json").read_text())
     assert qwen["qkv_bias"] and qwen["attention_bias"]  # Qwen2's q/k/v biases plus the recovery's o_proj bias
+    assert bias_cfg["rope_theta"] == 10000.0  # mlx-lm reads only the top-level rope_theta
 
 
 def test_config_tensors_and_files(exported):
@@ -176,8 +178,17 @@ def test_config_tensors_and_files(exported):
     missing_kv = sum(p.kv_written - p.kv_heads for p in result.layers)
     zero_biases = sum((not s["o_bias"]) * 256 + (not s["down_bias"]) * 256 + (not s["mlp_bias"]) * 2 * s[
         "intermediate_size"] for s in specs)
+    # The recovery's o_proj biases switch on q/k/v biases too (zeros: 4 query heads, the written KV heads).
+    zero_biases += sum((4 + 2 * p.kv_written) * 64 for p in result.layers)
     assert missing_q > 0 and missing_kv > 0 and zero_biases > 0
     assert result.padding_bytes == ((2 * missing_q + 2 * missing_kv) * 64 * 256 + zero_biases) * 4
+
+
+@pytest.mark.parametrize("hidden", [256, 576, 4096, 8192])
+def test_ffn_mult_gives_back_every_width_also_rounded_to_6_decimals(hidden):
+    for width in range(256, 8 * hidden, 256):
+        mult = ffn_mult_for(width, hidden)
+        assert ffn_mult_width(mult, hidden) == ffn_mult_width(round(mult, 6), hidden) == width
 
 
 def test_transformers_reads_block_configs_as_attributes(exported):
@@ -187,7 +198,8 @@ def test_transformers_reads_block_configs_as_attributes(exported):
     config = AutoConfig.from_pretrained(dest, trust_remote_code=True)
     assert type(config).__name__ == "StreamPruneDeciLMConfig" and config.model_type == "nemotron-nas"
     ffn = config.block_configs[0].ffn
-    assert ffn_mult_width(ffn.ffn_mult, config.hidden_size) == ffn.intermediate_size
+    assert not hasattr(ffn, "intermediate_size")  # mlx-lm's FFN config takes ffn_mult and nothing else
+    assert ffn_mult_width(ffn.ffn_mult, config.hidden_size) == exported("ffn-multiple")[2].layers[0].ffn_written
     plain = AutoConfig.from_pretrained(exported("heads-mha")[1], trust_remote_code=True)
     assert not hasattr(plain.block_configs[0].ffn, "ffn_mult")  # vLLM then takes intermediate_size
     assert json.loads(config.to_json_string())["block_configs"][0]["ffn"]["ffn_mult"] == ffn.ffn_mult
@@ -198,8 +210,10 @@ def test_ffn_multiple_pads_to_the_width_ffn_mult_gives_back(exported):
 
     _, dest, result = exported("ffn-multiple")
     blocks = json.loads((dest / "config.json").read_text())["block_configs"]
-    assert [b["ffn"]["intermediate_size"] for b in blocks] == [256 * -(-p.ffn // 256) for p in result.layers]
-    assert all(ffn_mult_width(b["ffn"]["ffn_mult"], 256) == b["ffn"]["intermediate_size"] for b in blocks)
+    widths = [256 * -(-p.ffn // 256) for p in result.layers]
+    assert [p.ffn_written for p in result.layers] == widths
+    assert [ffn_mult_width(b["ffn"]["ffn_mult"], 256) for b in blocks] == widths
+    assert all(set(b["ffn"]) == {"no_op", "replace_with_linear", "ffn_mult"} for b in blocks)
     assert any(p.ffn % 256 for p in result.layers)  # some width really was padded
     index = json.loads((dest / "model.safetensors.index.json").read_text())["weight_map"]
     for i, p in enumerate(result.layers):
@@ -338,7 +352,7 @@ def test_run_with_decilm_exports_right_after_pruning(source_dir, calib_file, tmp
     assert result.exit_code == 0, result.output
     assert f"-> {tmp_path / 'vllm'}" in result.output
     blocks = json.loads((tmp_path / "vllm" / "config.json").read_text())["block_configs"]
-    assert all(b["ffn"]["intermediate_size"] % 256 == 0 and "ffn_mult" in b["ffn"] for b in blocks)
+    assert all(ffn_mult_width(b["ffn"]["ffn_mult"], 256) % 256 == 0 for b in blocks)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
     result = _cli("run", src, tmp_path / "out2", "--ratio", "0.3", "--calib", calib_file, "--quiet",

