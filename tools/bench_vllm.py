@@ -176,7 +176,7 @@ def main(models, vllm_python, dtype, tokens, concurrency, reps, port, kv_gb, jso
         print(f"| {r['model']} | {r['weight_bytes'] / 1e6:,.1f} | {r['single_stream_median']:.1f} | "
               f"{r['batched_median']:.1f} | {s1:.3f} / {s2:.3f} | {ceiling:.3f} | {s2 / ceiling:.1%} |")
     if json_path:
-        meta = {"argv": sys.argv[1:], "load_before": os.getloadavg(), "cpu_count": os.cpu_count(),
+        meta = {"argv": sys.argv[1:], "load_after": os.getloadavg(), "cpu_count": os.cpu_count(),
                 "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         Path(json_path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
