@@ -142,9 +142,15 @@ def apply_paper_preset(options: dict) -> dict:
               help="Also export the pruned model to this GGUF file for llama.cpp (see `streamprune export`).")
 @click.option("--gguf-outtype", type=click.Choice(OUTTYPE_CHOICES), default="f16", show_default=True,
               help="Weight type of the --gguf file.")
+@click.option("--decilm", "decilm_dir", default=None, type=click.Path(file_okay=False, path_type=str),
+              help="Also export the pruned model to this DeciLM / Nemotron-NAS folder for vLLM "
+                   "(see `streamprune export --format decilm`).")
+@click.option("--decilm-ffn-multiple", type=int, default=None,
+              help="Zero-pad the --decilm folder's FFN widths to this multiple of 256 and write ffn_mult.")
 @friendly_errors
 def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cache: str | None, quiet: bool,
-        as_json: bool, gguf_path: str | None, gguf_outtype: str, **options) -> None:
+        as_json: bool, gguf_path: str | None, gguf_outtype: str, decilm_dir: str | None,
+        decilm_ffn_multiple: int | None, **options) -> None:
     """Prune MODEL_DIR into OUT_DIR, streaming one decoder layer at a time.
 
     An interrupted run (Ctrl-C, kill, power loss) resumes from the last finished layer when the same
@@ -169,9 +175,12 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cac
         from .export_gguf import check_destination
 
         check_destination(gguf_path, overwrite)  # before an hour of pruning, not after
+    if decilm_dir is not None or decilm_ffn_multiple is not None:
+        _check_decilm_request(decilm_dir, decilm_ffn_multiple, overwrite)
     result = pruner.run()
     r = result.report
     exported = _export_after_run(out_dir, gguf_path, gguf_outtype, overwrite) if gguf_path else None
+    decilm = _decilm_after_run(out_dir, decilm_dir, decilm_ffn_multiple, overwrite) if decilm_dir else None
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
@@ -183,6 +192,30 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cac
     )
     if exported is not None:
         click.echo(_export_line(exported))
+    if decilm is not None:
+        click.echo(_decilm_line(decilm))
+
+
+def _check_decilm_request(decilm_dir: str | None, ffn_multiple: int | None, overwrite: bool) -> None:
+    from .export_decilm import check_destination, check_ffn_multiple
+
+    if decilm_dir is None:
+        raise StreamPruneError("--decilm-ffn-multiple needs --decilm DEST")
+    check_ffn_multiple(ffn_multiple)
+    check_destination(decilm_dir, None, overwrite)
+
+
+def _decilm_after_run(out_dir: str, decilm_dir: str, ffn_multiple: int | None, overwrite: bool):
+    from .export_decilm import export_decilm
+
+    return export_decilm(out_dir, decilm_dir, ffn_multiple, overwrite=overwrite)
+
+
+def _decilm_line(result) -> str:
+    share = result.padding_bytes / result.bytes if result.bytes else 0.0
+    return (f"exported {result.tensors} tensors (DeciLM, {result.bytes / 1e6:,.1f} MB, of which padding "
+            f"{result.padding_bytes / 1e6:,.1f} MB = {share:.2%}) in {result.seconds:.1f} s, peak RSS "
+            f"{result.peak_rss_mb:.0f} MB -> {result.path}")
 
 
 def _already_complete(out_dir: str, report: dict, as_json: bool, gguf_path: str | None, outtype: str) -> None:
@@ -210,26 +243,45 @@ def _export_line(result) -> str:
 
 @main.command(name="export")
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
-@click.argument("out_gguf", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("dest", type=click.Path(path_type=str))
+@click.option("--format", "fmt", type=click.Choice(["gguf", "decilm"]), default="gguf", show_default=True,
+              help="gguf: one file for llama.cpp; decilm: a DeciLM / Nemotron-NAS folder for vLLM.")
 @click.option("--outtype", type=click.Choice(OUTTYPE_CHOICES), default="f16", show_default=True,
-              help="Weight type: f32 (exact), f16 (half the size), q8_0 (8-bit blocks, about a quarter).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing OUT_GGUF (only once the new file is complete).")
+              help="GGUF weight type: f32 (exact), f16 (half the size), q8_0 (8-bit blocks, about a quarter).")
+@click.option("--ffn-multiple", type=int, default=None,
+              help="decilm: zero-pad every FFN width to this multiple of 256 and write ffn_mult, for engines "
+                   "that read only ffn_mult (SGLang, TensorRT-LLM, mlx-lm).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing DEST (only once the new one is complete).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
 @friendly_errors
-def export_command(model_dir: str, out_gguf: str, outtype: str, overwrite: bool, quiet: bool) -> None:
-    """Write MODEL_DIR (pruned by streamprune, or a dense LLaMA / Mistral / Qwen2 folder) as OUT_GGUF for llama.cpp.
+def export_command(model_dir: str, dest: str, fmt: str, outtype: str, ffn_multiple: int | None, overwrite: bool,
+                   quiet: bool) -> None:
+    """Write MODEL_DIR (pruned by streamprune, or a dense LLaMA / Mistral / Qwen2 folder) as DEST for a serving engine.
 
-    The file uses llama.cpp's `deci` architecture, which stores each layer's head counts and FFN
-    width, so llama.cpp, llama-cpp-python, Ollama and LM Studio run the pruned model as it is. The
-    model is read one layer at a time; OUT_GGUF appears only when complete. Then, for example:
+    --format gguf (DEST a .gguf file): llama.cpp's `deci` architecture, which stores each layer's head
+    counts and FFN width, so llama.cpp, llama-cpp-python, Ollama and LM Studio run the pruned model as
+    it is. --format decilm (DEST a folder): NVIDIA's DeciLM / Nemotron-NAS layout, which vLLM serves with
+    its own model code (`vllm serve DEST --trust-remote-code`: the folder carries only a configuration
+    class). The model is read one layer at a time; DEST appears only when complete. Then, for example:
 
     \b
-        llama-cli -m OUT_GGUF -p "Once upon a time" -n 32
+        llama-cli -m OUT.gguf -p "Once upon a time" -n 32
+        vllm serve DEST --trust-remote-code
     """
+    ctx = click.get_current_context()
+    log = None if quiet else (lambda line: click.echo(line, err=True))
+    if fmt == "decilm":
+        if ctx.get_parameter_source("outtype") == click.core.ParameterSource.COMMANDLINE:
+            raise StreamPruneError("--outtype is for --format gguf; a DeciLM folder keeps the model's own dtype")
+        from .export_decilm import export_decilm
+
+        click.echo(_decilm_line(export_decilm(model_dir, dest, ffn_multiple, overwrite=overwrite, log=log)))
+        return
+    if ffn_multiple is not None:
+        raise StreamPruneError("--ffn-multiple is for --format decilm")
     from .export_gguf import export_gguf
 
-    log = None if quiet else (lambda line: click.echo(line, err=True))
-    click.echo(_export_line(export_gguf(model_dir, out_gguf, outtype, overwrite=overwrite, log=log)))
+    click.echo(_export_line(export_gguf(model_dir, dest, outtype, overwrite=overwrite, log=log)))
 
 
 @main.command(name="eval")

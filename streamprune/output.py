@@ -86,14 +86,20 @@ class HFFolderOutput:
 
     def publish(self) -> None:
         """Move the staging folder into place; an existing OUT_DIR is removed only now (--overwrite)."""
-        if self.out_dir.exists():
-            trash = self.out_dir.parent / f".{self.out_dir.name}.streamprune-old"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(self.out_dir, trash)
-            os.replace(self.staging, self.out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.staging, self.out_dir)
+        publish_folder(self.staging, self.out_dir)
+
+
+def publish_folder(staging: Path, out_dir: Path) -> None:
+    """Rename a complete staging folder to `out_dir`, replacing an existing one only at this moment
+    (the other formats, e.g. the DeciLM export, publish the same way)."""
+    if out_dir.exists():
+        trash = out_dir.parent / f".{out_dir.name}.streamprune-old"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(out_dir, trash)
+        os.replace(staging, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)
 
 
 def finished_run_differences(out_dir: Path, fingerprint: dict) -> list[str] | None:

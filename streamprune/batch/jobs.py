@@ -44,6 +44,8 @@ class Job:
     restart: bool = False
     gguf: str | None = None  # also export the pruned model to this GGUF file (`run --gguf`)
     gguf_outtype: str = "f16"
+    decilm: str | None = None  # also export to this DeciLM folder for vLLM (`run --decilm`)
+    decilm_ffn_multiple: int | None = None
 
     @property
     def log_path(self) -> str:
@@ -104,14 +106,27 @@ def run_command(job: Job) -> list[str]:
         argv += ["--shared-cache", job.shared_cache]
     if job.gguf:
         argv += ["--gguf", job.gguf, "--gguf-outtype", job.gguf_outtype]
+    if job.decilm:
+        argv += ["--decilm", job.decilm] + _ffn_multiple_args(job, "--decilm-ffn-multiple")
     argv += ["--overwrite"] * job.overwrite + ["--restart"] * job.restart
     return argv + ["--quiet", "--json"]
 
 
-def export_command(job: Job) -> list[str]:
-    """For a job whose model is pruned but whose GGUF file is missing: `streamprune export` only."""
-    argv = [sys.executable, "-m", "streamprune", "export", job.out_dir, job.gguf, "--outtype", job.gguf_outtype]
-    return argv + ["--overwrite"] * job.overwrite + ["--quiet"]
+def _ffn_multiple_args(job: Job, flag: str) -> list[str]:
+    return [] if job.decilm_ffn_multiple is None else [flag, str(job.decilm_ffn_multiple)]
+
+
+def missing_exports(job: Job) -> list[list[str]]:
+    """For a job whose model is pruned: the `streamprune export` commands of the exports not written yet
+    (a DeciLM folder counts as written once its config.json is there: it appears by a rename)."""
+    base = [sys.executable, "-m", "streamprune", "export", job.out_dir]
+    tail = ["--overwrite"] * job.overwrite + ["--quiet"]
+    commands = []
+    if job.gguf and not Path(job.gguf).is_file():
+        commands.append(base + [job.gguf, "--outtype", job.gguf_outtype] + tail)
+    if job.decilm and not (Path(job.decilm) / "config.json").is_file():
+        commands.append(base + [job.decilm, "--format", "decilm"] + _ffn_multiple_args(job, "--ffn-multiple") + tail)
+    return commands
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +162,8 @@ def result(job: Job, status: str, **extra) -> dict:
     base = {"job": job.number, "model_dir": job.model_dir, "out_dir": job.out_dir, "ratio": job.options["ratio"],
             "options": job.options, "status": status, "params_before": None, "params_after": None,
             "achieved_ratio": None, "seconds": None, "peak_rss_mb": None, "log": job.log_path, "error": None,
-            "dense_scores_reused": None, "dense_pass_seconds": None, "shared_group": None, "gguf": job.gguf}
+            "dense_scores_reused": None, "dense_pass_seconds": None, "shared_group": None, "gguf": job.gguf,
+            "decilm": job.decilm}
     return {**base, **extra}
 
 
@@ -163,9 +179,9 @@ def _from_report(report: dict) -> dict:
 def run_job(job: Job) -> dict:
     """Run one job (unless OUT_DIR already holds its result) and describe the outcome as a JSON-able dict."""
     done, diffs = _read_finished(job)
-    if done is not None and not diffs and (job.gguf is None or Path(job.gguf).is_file()):
+    if done is not None and not diffs and not missing_exports(job):
         return result(job, SKIPPED, **_from_report(done))
-    if done is not None and not diffs:  # pruned earlier; only the GGUF export is missing
+    if done is not None and not diffs:  # pruned earlier; only an export (GGUF, DeciLM) is missing
         return _export_only(job, done)
     if done is not None and not job.overwrite:  # said here, and more precisely than the engine would
         return result(job, FAILED, error=f"{job.out_dir} holds a finished run with other settings "
@@ -183,12 +199,14 @@ def run_job(job: Job) -> dict:
 
 
 def _export_only(job: Job, done: dict) -> dict:
-    started = time.perf_counter()
-    returncode, peak_mb, offset, _ = _run_child(job, export_command(job))
-    timing = {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_mb}
-    if returncode == 0:
-        return result(job, OK, **timing, **_from_report(done))
-    return result(job, FAILED, **timing, error=_failure_reason(job.log_path, offset, returncode))
+    started, peak = time.perf_counter(), 0.0
+    for command in missing_exports(job):
+        returncode, peak_mb, offset, _ = _run_child(job, command)
+        peak = max(peak, peak_mb)
+        if returncode != 0:
+            timing = {"seconds": time.perf_counter() - started, "peak_rss_mb": peak}
+            return result(job, FAILED, **timing, error=_failure_reason(job.log_path, offset, returncode))
+    return result(job, OK, seconds=time.perf_counter() - started, peak_rss_mb=peak, **_from_report(done))
 
 
 # ----------------------------------------------------------------------------------------------

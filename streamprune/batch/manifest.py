@@ -31,8 +31,9 @@ MAX_ERRORS = 5  # bad rows named in the one-line validation error
 OPTION_TYPES = {f.name: plain_type(f) for f in option_fields()}
 
 
-# Not pruning options: the GGUF file `run --gguf` writes after pruning, and its weight type.
-GGUF_KEYS = ("gguf", "gguf_outtype")
+# Not pruning options: the GGUF file `run --gguf` writes after pruning, and its weight type; the DeciLM folder
+# `run --decilm` writes, and its FFN multiple.
+GGUF_KEYS = ("gguf", "gguf_outtype", "decilm", "decilm_ffn_multiple")
 GGUF_OUTTYPES = ("f32", "f16", "q8_0")  # streamprune.export_gguf.OUTTYPES (checked equal by a test)
 
 
@@ -125,11 +126,14 @@ def _parse_row(row: dict, keys: dict[str, tuple[str, bool]], number: int, base: 
         if raw is None or (isinstance(raw, str) and not raw.strip()):
             continue  # empty cell: the option's default
         name, negated = keys[key]
-        if name in ("model_dir", "out_dir", "gguf"):
+        if name in ("model_dir", "out_dir", "gguf", "decilm"):
             values[name] = _resolve(base, str(raw).strip())
             continue
         if name == "gguf_outtype":
             values[name] = _gguf_outtype(raw)
+            continue
+        if name == "decilm_ffn_multiple":
+            values[name] = _ffn_multiple(raw)
             continue
         value = _convert(raw, OPTION_TYPES[name], str(key))
         values[name] = (not value) if negated else value
@@ -142,6 +146,13 @@ def _parse_row(row: dict, keys: dict[str, tuple[str, bool]], number: int, base: 
     gguf = {k: values.pop(k) for k in GGUF_KEYS if k in values}
     _check_options(values)
     return Job(number, model_dir, out_dir, values, **gguf)
+
+
+def _ffn_multiple(raw: object) -> int:
+    value = _convert(raw, int, "decilm_ffn_multiple")
+    if value < 1 or value % 256:
+        raise _RowError(f"decilm_ffn_multiple must be a multiple of 256, got {raw!r}")
+    return value
 
 
 def _gguf_outtype(raw: object) -> str:
@@ -243,8 +254,8 @@ def _check_distinct_outputs(jobs: list[Job], source: str) -> None:
     """Two jobs writing one folder would overwrite (or, on Ray, corrupt) each other's output."""
     first: dict[str, int] = {}
     for job in jobs:
-        for path in filter(None, (job.out_dir, job.gguf)):
+        for path in filter(None, (job.out_dir, job.gguf, job.decilm)):
             if path in first:
                 raise StreamPruneError(f"invalid manifest {source}: jobs {first[path]} and {job.number} "
-                                       f"both write {path}; give every job its own out_dir and gguf")
+                                       f"both write {path}; give every job its own out_dir, gguf and decilm")
             first[path] = job.number

@@ -13,6 +13,8 @@ REMOTE_CODE_FILES = (
     Path(__file__).with_name("configuration_streamprune.py"),
     Path(__file__).with_name("modeling_streamprune.py"),
 )
+# The configuration class of a DeciLM / Nemotron-NAS export (no modeling code: the engines bring their own).
+DECILM_CONFIG_FILE = Path(__file__).with_name("configuration_decilm.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_streamprune.StreamPruneConfig",
     "AutoModel": "modeling_streamprune.StreamPruneModel",
@@ -21,6 +23,7 @@ AUTO_MAP = {
 
 __all__ = [
     "AUTO_MAP",
+    "DECILM_CONFIG_FILE",
     "REMOTE_CODE_FILES",
     "StreamPruneConfig",
     "StreamPruneDecoderLayer",
