@@ -341,7 +341,8 @@ class StreamingPruner:
         The layer's input on the dense stream is kept too when reconstruction learns from it."""
         if dense is None:
             return None
-        inp = dense.clone() if self.options.reconstruct != "off" else None
+        o = self.options
+        inp = dense.clone() if o.reconstruct != "off" and o.reconstruct_inputs == "dense" else None
         with self.timer.phase("dense_forward"):
             return DenseTargets(dense_forward_with_mid(layer, dense, runtime), dense, inp)
 

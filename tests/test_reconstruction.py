@@ -198,11 +198,13 @@ def test_two_runs_give_identical_bytes(closed_and_reconstructed, tmp_path):
     assert output_digest(again.out_dir) == output_digest(recon.out_dir)
 
 
-@pytest.mark.parametrize(("window", "inputs"), [("both", "pruned"), ("layer", "dense"), ("layer", "pruned")])
-def test_other_windows_and_inputs_run_and_load(models, calib_file, tmp_path, window, inputs):
+@pytest.mark.parametrize(("window", "inputs", "target"),
+                         [("both", "pruned", "pruned"), ("both", "pruned", "dense"), ("layer", "dense", "pruned"),
+                          ("layer", "pruned", "pruned")])
+def test_other_windows_and_inputs_run_and_load(models, calib_file, tmp_path, window, inputs, target):
     src = models("qwen2-gqa")  # q/k/v biases are trained too
     result = streamprune.prune(src, tmp_path / "out", 0.4, calib=str(calib_file), reconstruct=window,
-                               reconstruct_inputs=inputs, **RECON)
+                               reconstruct_inputs=inputs, target=target, **RECON)
     windows = _windows(result.report)
     assert windows and {w["window"] for w in windows} == ({"layer"} if window == "layer" else {"attention", "mlp"})
     for w in windows:
