@@ -119,7 +119,8 @@ class PruneOptions:
              "(layer), toward the dense submodule's output; "
              "the closed form is kept where it is better on held-out calibration sequences "
              "(docs/method.md \"Reconstruction by gradient\"). Measured on SmolLM2 at 50 %: both took held-out "
-             "perplexity from 6.32x to 6.11x dense at 12x the pruning time on a 2-core CPU (docs/results.md).")
+             "perplexity from 6.33x to 6.02x dense (2 seeds) at 4.5x the pruning time on a 2-core CPU "
+             "(docs/results.md).")
     reconstruct_inputs: str = _option(
         "dense", choices=("dense", "pruned"),
         help="What reconstruction learns from: the dense model's own stream (the dense submodule's inputs and "
