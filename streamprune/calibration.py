@@ -38,6 +38,7 @@ import os
 import random
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -330,8 +331,8 @@ def calibration_ids(source: str, tokenizer, nsamples: int, seqlen: int, seed: in
 
             tokenizer = load_tokenizer(model_dir)
         if part == "self":
-            pieces.append(generate_self_calibration(model_dir, tokenizer, share, seqlen, seed, device=device,
-                                                    quiet=quiet))
+            sampling = SelfSampling(device=device, quiet=quiet)
+            pieces.append(generate_self_calibration(model_dir, tokenizer, share, seqlen, seed, sampling))
         else:
             pieces.append(load_calibration(part, tokenizer, share, seqlen, seed))
     return torch.cat(pieces)
@@ -419,9 +420,19 @@ def _check_sizes(nsamples: int, seqlen: int) -> None:
 # Self-generated calibration ("--calib self")
 
 
+@dataclass(frozen=True)
+class SelfSampling:
+    """How ``--calib self`` draws its samples (the what: nsamples, seqlen, seed, are the function's arguments).
+    `batch_size` changes the order of the random draws, so the ids are deterministic for (seed, batch_size)."""
+
+    device: str = "cpu"
+    temperature: float = 1.0
+    batch_size: int | None = None  # samples decoded at once; None: all of them
+    quiet: bool = True  # no progress bar over the decoding steps
+
+
 def generate_self_calibration(model_dir, tokenizer, nsamples: int, seqlen: int, seed: int,
-                              device: str = "cpu", temperature: float = 1.0,
-                              batch_size: int | None = None, quiet: bool = True) -> torch.Tensor:
+                              sampling: SelfSampling = SelfSampling()) -> torch.Tensor:
     """(nsamples, seqlen) int64 ids sampled from the model itself (data-free, LLM-QAT style).
 
     Each sample starts with BOS when the tokenizer adds BOS (as text windows do), else with a random
@@ -431,20 +442,21 @@ def generate_self_calibration(model_dir, tokenizer, nsamples: int, seqlen: int, 
     a larger batch shares). Sampling runs on a seeded CPU generator, so the result is deterministic for
     (seed, batch_size) and does not depend on device RNGs. BOS and other special tokens except EOS are
     never sampled, nor ids beyond the tokenizer (padding rows of the embedding). Loads the whole model:
-    only for models that fit in memory. `quiet=False` shows a progress bar over the decoding steps.
+    only for models that fit in memory.
     """
     _check_sizes(nsamples, seqlen)
+    temperature = sampling.temperature
     if not temperature > 0:
         raise CalibrationError(f"sampling temperature must be > 0, got {temperature}")
-    batch_size = nsamples if batch_size is None else max(1, batch_size)
-    model = _load_model(model_dir, device)
+    batch_size = nsamples if sampling.batch_size is None else max(1, sampling.batch_size)
+    model = _load_model(model_dir, sampling.device)
     vocab = min(len(tokenizer), model.get_output_embeddings().weight.shape[0])
     banned = _banned_ids(tokenizer, vocab)
     generator = torch.Generator().manual_seed(seed)
     first = _first_tokens(tokenizer, nsamples, vocab, banned, generator)
     batches = range(0, nsamples, batch_size)
     bar = tqdm(total=len(batches) * (seqlen - 1), desc="calibration (sampling from the model)", unit="step",
-               disable=quiet)
+               disable=sampling.quiet)
     out = []
     with bar:
         for start in batches:

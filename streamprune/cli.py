@@ -307,7 +307,7 @@ def eval_command(model_dir: str, text_file: str | None, dataset: str | None, seq
     """
     import json
 
-    from .evaluation import evaluate, load_eval_text, text_windows
+    from .evaluation import EvalSettings, evaluate, load_eval_text, text_windows
     from .hub import resolve_model_dir
     from .loading import load_tokenizer
 
@@ -316,8 +316,8 @@ def eval_command(model_dir: str, text_file: str | None, dataset: str | None, seq
     text = load_eval_text(text_file, dataset)
     tokenizer = load_tokenizer(model_dir)
     windows = text_windows(text, tokenizer, seqlen, max_windows)
-    result = evaluate(model_dir, windows, reference_dir=reference_dir, device=device, dtype=dtype,
-                      batch_size=batch_size, quiet=quiet)
+    settings = EvalSettings(device=device, dtype=dtype, batch_size=batch_size, quiet=quiet)
+    result = evaluate(model_dir, windows, reference_dir=reference_dir, settings=settings)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -440,11 +440,12 @@ def demo_command(cache_dir, model_dir, ratio, calib, nsamples, seqlen, eval_text
     click.echo("-- start-up: loading torch and transformers")
     with elapsed("start-up", quiet):  # seconds on a small machine, before anything else can be shown
         from . import engine, evaluation  # noqa: F401
-        from .demo import run_demo
-    run_demo(model_dir=model_dir, cache_dir=Path(cache_dir) if cache_dir else None, ratio=ratio, calib=calib,
-             nsamples=nsamples, seqlen=seqlen, eval_text=Path(eval_text) if eval_text else None,
-             eval_windows=eval_windows, max_new_tokens=max_new_tokens, device=device, quiet=quiet, echo=click.echo,
-             command_started=psutil.Process().create_time())
+        from .demo import DemoSettings, run_demo
+    settings = DemoSettings(ratio=ratio, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                            eval_text=Path(eval_text) if eval_text else None, eval_windows=eval_windows,
+                            max_new_tokens=max_new_tokens, device=device, quiet=quiet)
+    run_demo(model_dir=model_dir, cache_dir=Path(cache_dir) if cache_dir else None, settings=settings,
+             echo=click.echo, command_started=psutil.Process().create_time())
 
 
 if __name__ == "__main__":  # `python -m streamprune.cli` (as well as `python -m streamprune`)

@@ -95,6 +95,28 @@ class StreamedModel:
         return F.log_softmax(F.linear(x, lm_w).float(), dim=-1)
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How models are streamed through the compute device: the same for every model of one evaluation."""
+
+    device: str = "cpu"
+    dtype: str = "auto"
+    batch_size: int = 8  # windows per forward
+    quiet: bool = True  # no progress bar
+    desc: str = "eval"  # the progress bar's label
+
+
+@dataclass
+class _Totals:
+    """Sums over every predicted position, accumulated batch by batch (float64 sums of each batch)."""
+
+    nll: float = 0.0
+    reference_nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    count: int = 0
+
+
 def _runtime(model: StreamedModel, device: torch.device, dtype: torch.dtype, seqlen: int,
              batch_size: int) -> LayerRuntime:
     tables = model.adapter.rotary_tables(model.config, seqlen, device, dtype)
@@ -109,18 +131,18 @@ def _advance(layer, hidden: torch.Tensor, runtime: LayerRuntime) -> None:
 
 
 @torch.no_grad()
-def final_hidden_states(model_dir: str | Path, windows: torch.Tensor, *, device: str = "cpu", dtype: str = "auto",
-                        batch_size: int = 8, quiet: bool = True, desc: str = "eval") -> torch.Tensor:
+def final_hidden_states(model_dir: str | Path, windows: torch.Tensor,
+                        settings: EvalSettings = EvalSettings()) -> torch.Tensor:
     """The last decoder layer's output on `windows` (before the final norm), streamed layer by layer.
 
     Benchmarks that compare many pruned models with one reference compute this once and pass it to
     `evaluate(..., reference_hidden=...)` instead of re-running the reference every time.
     """
-    dev = resolve_device(device)
+    dev = resolve_device(settings.device)
     model = StreamedModel(model_dir)
-    runtime = _runtime(model, dev, resolve_dtype(dtype, dev), windows.shape[1], batch_size)
+    runtime = _runtime(model, dev, resolve_dtype(settings.dtype, dev), windows.shape[1], settings.batch_size)
     hidden = model.embed(windows)
-    for i in tqdm(range(model.num_layers), desc=desc, unit="layer", disable=quiet):
+    for i in tqdm(range(model.num_layers), desc=settings.desc, unit="layer", disable=settings.quiet):
         _advance(model.layer(i, runtime), hidden, runtime)
     return hidden
 
@@ -128,8 +150,7 @@ def final_hidden_states(model_dir: str | Path, windows: torch.Tensor, *, device:
 @torch.no_grad()
 def evaluate(model_dir: str | Path, windows: torch.Tensor, *, reference_dir: str | Path | None = None,
              reference_hidden: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
-             device: str = "cpu", dtype: str = "auto", batch_size: int = 8, quiet: bool = True,
-             desc: str = "eval") -> EvalResult:
+             settings: EvalSettings = EvalSettings()) -> EvalResult:
     """Layer-streamed perplexity of `model_dir` on `windows`, plus KL / agreement against a reference.
 
     `reference_hidden` (from `final_hidden_states` of `reference_dir` on the same windows) skips the
@@ -138,41 +159,54 @@ def evaluate(model_dir: str | Path, windows: torch.Tensor, *, reference_dir: str
     """
     start = time.perf_counter()
     return_freed_memory_promptly()
-    dev = resolve_device(device)
-    cdtype = resolve_dtype(dtype, dev)
+    dev = resolve_device(settings.device)
+    cdtype = resolve_dtype(settings.dtype, dev)
     models = [StreamedModel(model_dir)] + ([StreamedModel(reference_dir)] if reference_dir else [])
-    seqlen = windows.shape[1]
-    runtimes = [_runtime(m, dev, cdtype, seqlen, batch_size) for m in models]
+    runtimes = [_runtime(m, dev, cdtype, windows.shape[1], settings.batch_size) for m in models]
     given = [hidden, reference_hidden][: len(models)]
     hiddens = [m.embed(windows) if h is None else h for m, h in zip(models, given, strict=True)]
     streamed = [(m, rt, h) for m, rt, h, g in zip(models, runtimes, hiddens, given, strict=True) if g is None]
+    _stream_in_lockstep(streamed, settings)
+    heads = [m.head(rt) for m, rt in zip(models, runtimes, strict=True)]
+    totals = _Totals()
+    for sl in runtimes[0].batches(windows.shape[0]):
+        _score_batch(totals, windows[sl, 1:].to(dev), models, [h[sl] for h in hiddens], heads)
+    return _result(totals, windows, time.perf_counter() - start, with_reference=reference_dir is not None)
+
+
+def _stream_in_lockstep(streamed: list[tuple[StreamedModel, LayerRuntime, torch.Tensor]],
+                        settings: EvalSettings) -> None:
+    """Advance each model's hidden states through all its layers, layer i of every model before layer i + 1,
+    so that at most one layer of each model is in memory at a time."""
     depth = max((m.num_layers for m, _, _ in streamed), default=0)
-    for i in tqdm(range(depth), desc=desc, unit="layer", disable=quiet or not streamed):
+    for i in tqdm(range(depth), desc=settings.desc, unit="layer", disable=settings.quiet or not streamed):
         for m, rt, h in streamed:
             if i < m.num_layers:
                 layer = m.layer(i, rt)
                 _advance(layer, h, rt)
                 del layer
-    heads = [m.head(rt) for m, rt in zip(models, runtimes, strict=True)]
-    nll_sum, ref_nll_sum, kl_sum, agree, count = 0.0, 0.0, 0.0, 0, 0
-    for sl in runtimes[0].batches(windows.shape[0]):
-        targets = windows[sl, 1:].to(dev)
-        logp = models[0].log_probs(hiddens[0][sl], heads[0])[:, :-1]
-        nll_sum += float(-logp.gather(-1, targets[..., None]).double().sum())
-        count += targets.numel()
-        if reference_dir:
-            ref = models[1].log_probs(hiddens[1][sl], heads[1])[:, :-1]
-            ref_nll_sum += float(-ref.gather(-1, targets[..., None]).double().sum())
-            kl_sum += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
-            agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
-    nll = nll_sum / count
-    result = EvalResult(
-        perplexity=math.exp(nll), nll=nll, tokens=count,
-        windows=windows.shape[0], seqlen=seqlen, seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
-    )
-    if reference_dir:
-        result.kl_from_reference, result.top1_agreement = kl_sum / count, agree / count
-        result.reference_perplexity = math.exp(ref_nll_sum / count)
+
+
+def _score_batch(totals: _Totals, targets: torch.Tensor, models: list[StreamedModel], hiddens: list[torch.Tensor],
+                 heads: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Add one batch of windows: the model's NLL and, with a reference (models[1]), its NLL, KL and agreement."""
+    logp = models[0].log_probs(hiddens[0], heads[0])[:, :-1]
+    totals.nll += float(-logp.gather(-1, targets[..., None]).double().sum())
+    totals.count += targets.numel()
+    if len(models) > 1:
+        ref = models[1].log_probs(hiddens[1], heads[1])[:, :-1]
+        totals.reference_nll += float(-ref.gather(-1, targets[..., None]).double().sum())
+        totals.kl += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
+        totals.agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+
+
+def _result(totals: _Totals, windows: torch.Tensor, seconds: float, with_reference: bool) -> EvalResult:
+    nll = totals.nll / totals.count
+    result = EvalResult(perplexity=math.exp(nll), nll=nll, tokens=totals.count, windows=windows.shape[0],
+                        seqlen=windows.shape[1], seconds=seconds, peak_rss_mb=peak_rss_mb())
+    if with_reference:
+        result.kl_from_reference, result.top1_agreement = totals.kl / totals.count, totals.agree / totals.count
+        result.reference_perplexity = math.exp(totals.reference_nll / totals.count)
     return result
 
 

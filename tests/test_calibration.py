@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from streamprune import calibration
 from streamprune.calibration import (
     CalibrationError,
+    SelfSampling,
     adds_bos,
     build_calibration_ids,
     describe_source,
@@ -367,12 +368,13 @@ def tiny_llama(tmp_path_factory, tok):
 
 
 def test_self_calibration_shape_dtype_determinism(tiny_llama, tok):
-    ids = generate_self_calibration(tiny_llama, tok, nsamples=5, seqlen=12, seed=0, batch_size=2)
+    in_pairs = SelfSampling(batch_size=2)
+    ids = generate_self_calibration(tiny_llama, tok, nsamples=5, seqlen=12, seed=0, sampling=in_pairs)
     assert ids.shape == (5, 12) and ids.dtype == torch.long and ids.device.type == "cpu"
     assert (ids[:, 0] == BOS_ID).all() and not (ids[:, 1:] == BOS_ID).any()
     assert int(ids.max()) < len(tok)  # never the embedding's padding rows
-    assert torch.equal(ids, generate_self_calibration(tiny_llama, tok, 5, 12, seed=0, batch_size=2))
-    assert not torch.equal(ids, generate_self_calibration(tiny_llama, tok, 5, 12, seed=1, batch_size=2))
+    assert torch.equal(ids, generate_self_calibration(tiny_llama, tok, 5, 12, seed=0, sampling=in_pairs))
+    assert not torch.equal(ids, generate_self_calibration(tiny_llama, tok, 5, 12, seed=1, sampling=in_pairs))
     assert len({tuple(row) for row in ids.tolist()}) > 1  # samples differ from each other
 
 
@@ -387,7 +389,7 @@ def test_self_calibration_random_first_token_without_bos(tiny_llama, tok_no_bos)
 
 def test_self_calibration_errors(tmp_path, tiny_llama, tok):
     with pytest.raises(CalibrationError, match="temperature must be > 0"):
-        generate_self_calibration(tiny_llama, tok, 2, 8, seed=0, temperature=0.0)
+        generate_self_calibration(tiny_llama, tok, 2, 8, seed=0, sampling=SelfSampling(temperature=0.0))
     with pytest.raises(CalibrationError, match="--nsamples must be at least 1"):
         generate_self_calibration(tiny_llama, tok, 0, 8, seed=0)
     with pytest.raises(CalibrationError, match="cannot load the model"):
@@ -406,12 +408,13 @@ def test_self_calibration_samples_every_sequence_at_once_with_a_progress_bar(tin
         return model
 
     monkeypatch.setattr(calibration, "_load_model", counting_model)
-    ids = generate_self_calibration(tiny_llama, tok, nsamples=6, seqlen=9, seed=0, quiet=False)
+    ids = generate_self_calibration(tiny_llama, tok, nsamples=6, seqlen=9, seed=0, sampling=SelfSampling(quiet=False))
     assert ids.shape == (6, 9)
     assert batches == [torch.Size([6, 1])] * 8
     assert "calibration (sampling from the model)" in capsys.readouterr().err
     # Batching only changes the order of the random draws, never the kind of sample.
-    split = generate_self_calibration(tiny_llama, tok, nsamples=6, seqlen=9, seed=0, batch_size=2)
+    split = generate_self_calibration(tiny_llama, tok, nsamples=6, seqlen=9, seed=0,
+                                      sampling=SelfSampling(batch_size=2))
     assert split.shape == ids.shape and (split[:, 0] == BOS_ID).all()
 
 

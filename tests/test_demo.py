@@ -163,8 +163,8 @@ def test_demo_defaults_are_the_fast_builtin_setup():
 
 
 def test_demo_api_returns_the_numbers(models, tmp_path):
-    result = demo.run_demo(models("llama-gqa"), tmp_path, nsamples=4, seqlen=16, eval_windows=4, max_new_tokens=4,
-                           quiet=True, echo=lambda line: None)
+    settings = demo.DemoSettings(nsamples=4, seqlen=16, eval_windows=4, max_new_tokens=4, quiet=True)
+    result = demo.run_demo(models("llama-gqa"), tmp_path, settings, echo=lambda line: None)
     assert result.dense.kl is None and result.pruned.kl >= 0 and 0 <= result.pruned.agreement <= 1
     assert result.pruned.params < result.dense.params and result.pruned.file_bytes < result.dense.file_bytes
     assert "start-up" not in result.steps and result.steps["total"] > 0

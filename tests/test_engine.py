@@ -172,7 +172,7 @@ def test_output_loads_and_generates_without_streamprune_installed(pruned, tmp_pa
 
 def test_fp16_compute_matches_fp32_compute(models, calib_file, tmp_path):
     """fp16 forwards with float64 statistics choose the same structure as fp32 and nearly the same weights."""
-    from streamprune.evaluation import evaluate, text_windows
+    from streamprune.evaluation import EvalSettings, evaluate, text_windows
     from streamprune.loading import load_tokenizer
     from tests.tiny_models import CALIB_TEXT
 
@@ -186,10 +186,10 @@ def test_fp16_compute_matches_fp32_compute(models, calib_file, tmp_path):
     for a, b in zip(reports["float32"]["layers"], reports["float16"]["layers"], strict=True):
         assert a["kept_heads"] == b["kept_heads"] and a["channels_kept"] == b["channels_kept"]
     windows = text_windows(CALIB_TEXT, load_tokenizer(src), 16)
-    pruning_error = evaluate(tmp_path / "float32", windows, reference_dir=src, dtype="float32").kl_from_reference
-    fp16_error = evaluate(
-        tmp_path / "float16", windows, reference_dir=tmp_path / "float32", dtype="float32"
-    ).kl_from_reference
+    float32 = EvalSettings(dtype="float32")
+    pruning_error = evaluate(tmp_path / "float32", windows, reference_dir=src, settings=float32).kl_from_reference
+    fp16_error = evaluate(tmp_path / "float16", windows, reference_dir=tmp_path / "float32",
+                          settings=float32).kl_from_reference
     assert fp16_error < 1e-3 * pruning_error
 
 

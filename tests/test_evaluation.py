@@ -11,8 +11,10 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from streamprune.cli import main
-from streamprune.evaluation import evaluate, final_hidden_states, text_windows
+from streamprune.evaluation import EvalSettings, evaluate, final_hidden_states, text_windows
 from tests.tiny_models import CALIB_TEXT
+
+FLOAT32 = EvalSettings(dtype="float32")
 
 
 def _direct_perplexity(model_dir, windows, **kwargs) -> float:
@@ -39,7 +41,7 @@ def test_windows_are_consecutive_and_non_overlapping(models):
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2-gqa", "llama-tied", "qwen3-gqa"])
 def test_streamed_perplexity_equals_full_model(models, windows, name):
-    result = evaluate(models(name), windows, batch_size=3, dtype="float32")
+    result = evaluate(models(name), windows, settings=EvalSettings(batch_size=3, dtype="float32"))
     assert result.tokens == windows.shape[0] * 15
     assert result.perplexity == pytest.approx(_direct_perplexity(models(name), windows), rel=1e-5)
 
@@ -47,14 +49,14 @@ def test_streamed_perplexity_equals_full_model(models, windows, name):
 def test_pruned_model_perplexity_kl_and_agreement(models, windows, pruned):
     dense = models("llama-gqa")
     out = pruned("llama-gqa", 0.3).out_dir
-    pruned = evaluate(out, windows, reference_dir=dense, dtype="float32")
+    pruned = evaluate(out, windows, reference_dir=dense, settings=FLOAT32)
     assert pruned.perplexity == pytest.approx(_direct_perplexity(out, windows, trust_remote_code=True), rel=1e-5)
     assert pruned.kl_from_reference > 1e-4 and 0 < pruned.top1_agreement < 1
-    itself = evaluate(dense, windows, reference_dir=dense, dtype="float32")
+    itself = evaluate(dense, windows, reference_dir=dense, settings=FLOAT32)
     assert abs(itself.kl_from_reference) < 1e-6 and itself.top1_agreement == 1.0
     # A cached reference (its final hidden states) gives the same figures as streaming it again.
-    hidden = final_hidden_states(dense, windows, dtype="float32")
-    cached = evaluate(out, windows, reference_dir=dense, reference_hidden=hidden, dtype="float32")
+    hidden = final_hidden_states(dense, windows, FLOAT32)
+    cached = evaluate(out, windows, reference_dir=dense, reference_hidden=hidden, settings=FLOAT32)
     assert cached.kl_from_reference == pytest.approx(pruned.kl_from_reference, rel=1e-9)
     assert cached.top1_agreement == pruned.top1_agreement and cached.perplexity == pruned.perplexity
 
@@ -104,7 +106,7 @@ def test_default_recovery_brings_the_written_model_closer_to_dense(models, calib
         out = prune(src, tmp_path / name, ratio, **options, **extra).out_dir
         for text_name, text in (("calibration", CALIB_TEXT), ("held-out", HELD_OUT)):
             windows = text_windows(text, tokenizer, 16)
-            result = evaluate(out, windows, reference_dir=src, dtype="float32", quiet=True)
+            result = evaluate(out, windows, reference_dir=src, settings=FLOAT32)
             kl[name, text_name] = result.kl_from_reference
     for text_name in ("calibration", "held-out"):
         assert 0 < kl["default", text_name] < kl["no-regression", text_name], (text_name, kl)

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 
 import streamprune
 from streamprune.cli import main
-from streamprune.evaluation import StreamedModel, final_hidden_states
+from streamprune.evaluation import EvalSettings, StreamedModel, final_hidden_states
 from streamprune.export_decilm import (
     LayerPlan,
     _decilm_layer,
@@ -418,7 +418,7 @@ def vllm_results(exported, tmp_path_factory):
 
 def _streamprune_log_probs(model_dir: Path, ids: list[int]) -> torch.Tensor:
     """streamprune's own evaluation path (layer-streamed, float32): log p(ids[i+1] | ids[:i+1])."""
-    hidden = final_hidden_states(model_dir, torch.tensor([ids]), dtype="float32")
+    hidden = final_hidden_states(model_dir, torch.tensor([ids]), EvalSettings(dtype="float32"))
     model = StreamedModel(model_dir)
     runtime_head = model.reader.read(["model.norm.weight", model.adapter.output_weight_name(model.shape)])
     head = tuple(runtime_head.values())

@@ -52,7 +52,7 @@ def main(model_dir: str, gguf_path: str, text_file: str, seqlen: int, max_window
          kv_type: str, skip_transformers: bool) -> None:
     import torch
 
-    from streamprune.evaluation import evaluate, text_windows
+    from streamprune.evaluation import EvalSettings, evaluate, text_windows
     from streamprune.loading import load_tokenizer
 
     torch.set_num_threads(threads)
@@ -65,7 +65,7 @@ def main(model_dir: str, gguf_path: str, text_file: str, seqlen: int, max_window
               "tokens": count, "llama_cpp_ppl": math.exp(nll_sum / count),
               "llama_cpp_seconds": time.perf_counter() - started}
     if not skip_transformers:
-        ours = evaluate(model_dir, windows, dtype="float32", quiet=True)
+        ours = evaluate(model_dir, windows, settings=EvalSettings(dtype="float32", quiet=True))
         assert ours.tokens == count, (ours.tokens, count)
         result["streamprune_eval_ppl"] = ours.perplexity
         result["relative_difference"] = result["llama_cpp_ppl"] / ours.perplexity - 1

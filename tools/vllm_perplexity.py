@@ -26,9 +26,9 @@ TOOLS = Path(__file__).resolve().parent
 
 
 def streamprune_perplexity(model_dir: str, windows, dtype: str) -> dict:
-    from streamprune.evaluation import evaluate
+    from streamprune.evaluation import EvalSettings, evaluate
 
-    result = evaluate(model_dir, windows, dtype=dtype, batch_size=8)
+    result = evaluate(model_dir, windows, settings=EvalSettings(dtype=dtype, batch_size=8))
     return {"perplexity": result.perplexity, "tokens": result.tokens, "seconds": result.seconds}
 
 

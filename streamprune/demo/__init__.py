@@ -27,6 +27,8 @@ DEMO_EVAL_WINDOWS = 160  # 20,480 tokens: the issue asks for at least 20k
 if TYPE_CHECKING:
     import torch
 
+    from ..evaluation import EvalResult
+
 DEMO_NEEDS = (["matplotlib"], "streamprune demo (its figure)")  # gguf too, checked only when converting
 DEMO_EVAL_TEXT = Path(__file__).parents[1] / "data" / "demo_eval.txt"
 
@@ -80,18 +82,32 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
-def run_demo(model_dir: str | Path | None = None, cache_dir: Path | None = None, ratio: float = 0.2,
-             calib: str = "builtin", nsamples: int = DEMO_NSAMPLES, seqlen: int = 128, eval_text: Path | None = None,
-             eval_windows: int | None = DEMO_EVAL_WINDOWS, eval_seqlen: int = 128, device: str = "auto",
-             max_new_tokens: int = 64, seed: int = 0, quiet: bool = False, echo: Callable[[str], None] = print,
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo prunes and how it measures; the defaults are `streamprune demo`'s."""
+
+    ratio: float = 0.2
+    calib: str = "builtin"
+    nsamples: int = DEMO_NSAMPLES
+    seqlen: int = 128  # calibration window
+    eval_text: Path | None = None  # None: the shipped novel (DEMO_EVAL_TEXT)
+    eval_windows: int | None = DEMO_EVAL_WINDOWS  # None or 0: the whole text
+    eval_seqlen: int = 128
+    device: str = "auto"
+    max_new_tokens: int = 64  # tokens sampled per completion
+    seed: int = 0
+    quiet: bool = False  # no progress bars (the step lines and the result remain)
+
+
+def run_demo(model_dir: str | Path | None = None, cache_dir: Path | None = None,
+             settings: DemoSettings = DemoSettings(), echo: Callable[[str], None] = print,
              command_started: float | None = None) -> DemoResult:
     """Fetch/convert (unless `model_dir` is given), prune, evaluate, check, sample, plot; returns the numbers.
 
     `command_started` (a `time.time()` value, e.g. when the process started) adds a start-up step and
     makes the total count from then.
     """
-    from ..hub import resolve_model_dir
-    from .gguf_import import default_cache_dir, demo_model_dir
+    from .gguf_import import default_cache_dir
 
     started = time.perf_counter()
     clock = StepClock(echo)
@@ -99,26 +115,16 @@ def run_demo(model_dir: str | Path | None = None, cache_dir: Path | None = None,
         clock.seconds["start-up"] = max(0.0, time.time() - command_started)
     require_all(*DEMO_NEEDS)  # fail now, not after minutes of work
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    given = model_dir
-    name = str(given) if given else f"SmolLM2-135M-Instruct (cache {cache_dir})"
-    with clock.step("model", f"model: {name}"):
-        model_dir = resolve_model_dir(given) if given else demo_model_dir(cache_dir, echo=echo)
-    # Named after what the user gave: a Hub id resolves to a snapshot folder named after a commit hash.
-    short = Path(str(given)).name if given else Path(model_dir).name
-    out_dir = cache_dir / "demo" / f"{short}-pruned-{round(ratio * 100)}"
-    report = _prune(model_dir, out_dir, ratio, calib, nsamples, seqlen, seed, device, quiet, clock)
-    windows = _eval_windows(model_dir, eval_text, eval_windows, eval_seqlen)
-    with clock.step("evaluation", f"evaluation: dense and pruned side by side on {windows.numel():,} tokens of "
-                    f"{'the given text' if eval_text else 'a novel neither saw in calibration'}"):
-        from ..evaluation import evaluate
-
-        ev = evaluate(out_dir, windows, reference_dir=model_dir, device=device, quiet=quiet, desc="evaluation")
-    dense = _checks(model_dir, "dense", clock, device, max_new_tokens, seed, quiet)
-    pruned = _checks(out_dir, f"pruned {report['achieved_ratio']:.0%}", clock, device, max_new_tokens, seed, quiet)
+    model_dir, out_dir = _model_and_out_dir(model_dir, cache_dir, settings.ratio, clock)
+    report = _prune(model_dir, out_dir, settings, clock)
+    windows = _eval_windows(model_dir, settings)
+    ev = _evaluate(model_dir, out_dir, windows, settings, clock)
+    dense = _checks(model_dir, "dense", clock, settings)
+    pruned = _checks(out_dir, f"pruned {report['achieved_ratio']:.0%}", clock, settings)
     dense_summary = ModelSummary("dense", report["params_before"], folder_bytes(model_dir), ev.reference_perplexity,
                                  *dense)
-    pruned_summary = ModelSummary(f"pruned {ratio:.0%}", report["params_after"], folder_bytes(out_dir), ev.perplexity,
-                                  *pruned, kl=ev.kl_from_reference, agreement=ev.top1_agreement)
+    pruned_summary = ModelSummary(f"pruned {settings.ratio:.0%}", report["params_after"], folder_bytes(out_dir),
+                                  ev.perplexity, *pruned, kl=ev.kl_from_reference, agreement=ev.top1_agreement)
     with clock.step("figure", "figure"):
         from ..report import demo_figure
 
@@ -130,16 +136,31 @@ def run_demo(model_dir: str | Path | None = None, cache_dir: Path | None = None,
     return result
 
 
-def _prune(model_dir: Path, out_dir: Path, ratio: float, calib: str, nsamples: int, seqlen: int, seed: int,
-           device: str, quiet: bool, clock: StepClock) -> dict:
+def _model_and_out_dir(given: str | Path | None, cache_dir: Path, ratio: float, clock: StepClock) -> tuple[Path, Path]:
+    """The dense model folder (the demo model, fetched and converted once, unless one is given) and the pruned
+    folder in the cache."""
+    from ..hub import resolve_model_dir
+    from .gguf_import import demo_model_dir
+
+    name = str(given) if given else f"SmolLM2-135M-Instruct (cache {cache_dir})"
+    with clock.step("model", f"model: {name}"):
+        model_dir = resolve_model_dir(given) if given else demo_model_dir(cache_dir, echo=clock.echo)
+    # Named after what the user gave: a Hub id resolves to a snapshot folder named after a commit hash.
+    short = Path(str(given)).name if given else Path(model_dir).name
+    return Path(model_dir), cache_dir / "demo" / f"{short}-pruned-{round(ratio * 100)}"
+
+
+def _prune(model_dir: Path, out_dir: Path, settings: DemoSettings, clock: StepClock) -> dict:
     """Prune, and split the engine's own timings into the steps the user saw (calibration, pass 1, pass 2)."""
     from ..calibration import describe_source
     from ..engine import prune
 
-    what = f"pruning {ratio:.0%} of all parameters; calibration: {describe_source(calib)}, {nsamples} x {seqlen} tokens"
+    s = settings
+    what = (f"pruning {s.ratio:.0%} of all parameters; calibration: {describe_source(s.calib)}, "
+            f"{s.nsamples} x {s.seqlen} tokens")
     with clock.step("prune", what):
-        report = prune(model_dir, out_dir, ratio, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                       device=device, overwrite=True, restart=True, quiet=quiet).report
+        report = prune(model_dir, out_dir, s.ratio, calib=s.calib, nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed,
+                       device=s.device, overwrite=True, restart=True, quiet=s.quiet).report
     total = clock.seconds.pop("prune")
     timings = report["timings_seconds"]
     for name in ("calibration", "pass1", "pass2"):
@@ -148,34 +169,45 @@ def _prune(model_dir: Path, out_dir: Path, ratio: float, calib: str, nsamples: i
     return report
 
 
-def _eval_windows(model_dir: Path, eval_text: Path | None, eval_windows: int | None, seqlen: int) -> torch.Tensor:
+def _eval_windows(model_dir: Path, settings: DemoSettings) -> torch.Tensor:
     from ..errors import StreamPruneError
     from ..evaluation import text_windows
     from ..loading import load_tokenizer
 
-    path = Path(eval_text) if eval_text else DEMO_EVAL_TEXT
+    path = Path(settings.eval_text) if settings.eval_text else DEMO_EVAL_TEXT
     if not path.is_file():
         raise StreamPruneError(f"evaluation text {path} not found")
-    return text_windows(path.read_text(encoding="utf-8"), load_tokenizer(model_dir), seqlen, eval_windows or None)
+    return text_windows(path.read_text(encoding="utf-8"), load_tokenizer(model_dir), settings.eval_seqlen,
+                        settings.eval_windows or None)
 
 
-def _checks(folder: Path, name: str, clock: StepClock, device: str, max_new_tokens: int, seed: int,
-            quiet: bool) -> tuple[int, int, float, str]:
+def _evaluate(model_dir: Path, out_dir: Path, windows: torch.Tensor, settings: DemoSettings,
+              clock: StepClock) -> EvalResult:
+    """The pruned model's perplexity, KL and agreement, with the dense model streamed beside it."""
+    from ..evaluation import EvalSettings, evaluate
+
+    text = "the given text" if settings.eval_text else "a novel neither saw in calibration"
+    with clock.step("evaluation", f"evaluation: dense and pruned side by side on {windows.numel():,} tokens of {text}"):
+        return evaluate(out_dir, windows, reference_dir=model_dir,
+                        settings=EvalSettings(device=settings.device, quiet=settings.quiet, desc="evaluation"))
+
+
+def _checks(folder: Path, name: str, clock: StepClock, settings: DemoSettings) -> tuple[int, int, float, str]:
     """Multiple choice and one sampled completion on the whole model: (right, total, tokens/s, text)."""
     from ..devices import resolve_device
     from ..loading import load_pruned, load_tokenizer
     from .checks import choice_accuracy, load_choice_items, sample_completion
 
     items = load_choice_items()
+    device = resolve_device(settings.device)
     with clock.step("load", f"{name}: loading the whole model"):
         tokenizer = load_tokenizer(folder)
-        model = load_pruned(folder, dtype="float32" if resolve_device(device).type == "cpu" else None,
-                            device=str(resolve_device(device)))
+        model = load_pruned(folder, dtype="float32" if device.type == "cpu" else None, device=str(device))
     with clock.step("multiple choice", f"{name}: {len(items)} multiple-choice items, scored by log-likelihood"):
-        right = choice_accuracy(model, tokenizer, items, quiet=quiet, desc=f"{name} multiple choice")
-    with clock.step("generation", f"{name}: sampling {max_new_tokens} tokens"):
-        completion = sample_completion(model, tokenizer, max_new_tokens=max_new_tokens, seed=seed, quiet=quiet,
-                                       desc=f"{name} generation")
+        right = choice_accuracy(model, tokenizer, items, quiet=settings.quiet, desc=f"{name} multiple choice")
+    with clock.step("generation", f"{name}: sampling {settings.max_new_tokens} tokens"):
+        completion = sample_completion(model, tokenizer, max_new_tokens=settings.max_new_tokens, seed=settings.seed,
+                                       quiet=settings.quiet, desc=f"{name} generation")
     return right, len(items), completion.tokens_per_second, completion.text
 
 
