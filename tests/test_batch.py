@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from streamprune import cli
-from streamprune.batch import BatchSettings, load_manifest, run_batch
+from streamprune.batch import BatchSettings, Job, load_manifest, run_batch, run_job
 from streamprune.cli import main
 from tests.helpers import FAST_OPTIONS
 
@@ -128,6 +129,68 @@ def test_each_job_is_the_public_run_command_with_the_rows_options(tmp_path):
     assert params["overwrite"] and not params["restart"]
 
 
+# ----------------------------------------------------------------------------------------------
+# Finished jobs: skipped exactly when `streamprune run` would say "already complete" (no process starts)
+# ----------------------------------------------------------------------------------------------
+
+
+def _finished_job(models, tmp_path, **options) -> Job:
+    """A job on a private copy of a tiny model, and an OUT_DIR holding a report of its run as the engine
+    writes one (with the engine's fingerprint of that model and those options)."""
+    from streamprune.checkpoint import CheckpointReader
+    from streamprune.options import PruneOptions
+    from streamprune.output import REPORT_NAME
+    from streamprune.run_state import run_fingerprint
+
+    model = shutil.copytree(models("llama-gqa"), tmp_path / "model")
+    job = Job(1, str(model), str(tmp_path / "out"), {"ratio": 0.2, **FAST_OPTIONS, **options})
+    report = {"fingerprint": run_fingerprint(CheckpointReader(model), PruneOptions(**job.options)),
+              "options": job.options, "params_before": 100, "params_after": 80, "achieved_ratio": 0.2}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / REPORT_NAME).write_text(json.dumps(report))
+    return job
+
+
+def test_a_job_whose_run_is_finished_is_skipped_without_a_process(models, tmp_path):
+    job = _finished_job(models, tmp_path)
+    summary = run_job(job)
+    assert (summary["status"], summary["params_after"]) == ("skipped", 80)
+    assert not Path(job.log_path).exists()  # no child was started
+    # Options that do not change the output (speed only) are not part of the run's identity.
+    assert run_job(dataclasses.replace(job, options={**job.options, "prefetch": False}))["status"] == "skipped"
+
+
+@pytest.mark.parametrize(("change", "difference"), [
+    ("options", "nsamples 4 -> 5"),
+    ("weights", "input checkpoint"),  # same folder, same options: only the shards' content changed
+    ("config", "input checkpoint"),
+])
+def test_a_finished_run_of_other_options_or_input_is_refused_like_run_does(models, tmp_path, change, difference):
+    job = _finished_job(models, tmp_path)
+    model = Path(job.model_dir)
+    if change == "options":
+        job = dataclasses.replace(job, options={**job.options, "nsamples": 5})
+    elif change == "weights":
+        shard = model / "model.safetensors"
+        os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # rewritten in place
+    else:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 2 * config["rms_norm_eps"]}))
+    summary = run_job(job)
+    assert summary["status"] == "failed" and not Path(job.log_path).exists()
+    assert summary["error"] == (f"{job.out_dir} holds a finished run with other options or input ({difference}); "
+                                "pass --overwrite to replace it")
+
+
+def test_an_unreadable_model_folder_leaves_the_decision_to_the_job(models, tmp_path):
+    """Without a model to fingerprint the job runs, and the engine reports what is wrong (here: no folder)."""
+    job = _finished_job(models, tmp_path)
+    shutil.rmtree(job.model_dir)
+    summary = run_job(job)
+    assert summary["status"] == "failed" and "model folder" in summary["error"] and "does not exist" in summary["error"]
+    assert Path(job.log_path).is_file()
+
+
 def test_ray_executor_without_ray_says_how_to_install(tmp_path, monkeypatch):
     import builtins
 
@@ -237,7 +300,25 @@ def test_changed_options_are_not_skipped(three_ratios_and_a_failure):
                     "model,out/r20,0.2,calib.txt,5,16,float32")
     result = _batch(manifest)
     assert result.exit_code == 1
-    assert "holds a finished run with other settings (nsamples 4 -> 5); pass --overwrite" in result.stdout
+    assert "holds a finished run with other options or input (nsamples 4 -> 5); pass --overwrite" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_model_changed_in_place_is_refused_then_rerun_with_overwrite(models, calib_file, tmp_path):
+    """The same manifest row after the model folder's weights were replaced: the finished run no longer
+    matches (the engine's fingerprint), so the job fails like `run` does, and --overwrite prunes it again."""
+    model = shutil.copytree(models("llama-gqa"), tmp_path / "model")
+    fast = FAST_OPTIONS
+    manifest = _csv(tmp_path / "jobs.csv", "model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype",
+                    f"model,out/r20,0.2,{calib_file},{fast['nsamples']},{fast['seqlen']},{fast['dtype']}")
+    assert _batch(manifest).exit_code == 0
+    assert "skipped (done)" in _batch(manifest).stdout
+    shard = model / "model.safetensors"
+    shard.write_bytes(shard.read_bytes())  # rewritten: a new modification time, as a re-download gives
+    refused = _batch(manifest)
+    assert refused.exit_code == 1 and "other options or input (input checkpoint)" in refused.stdout
+    assert _batch(manifest, "--overwrite").exit_code == 0
+    assert "skipped (done)" in _batch(manifest).stdout
 
 
 @pytest.mark.slow

@@ -29,8 +29,10 @@ How jobs run:
   --json`, in a child process, so a crash or an OOM kill of one job is reported as that job's failure
   and the batch goes on; the JSON report it prints is the job's result. Its output goes to
   `<out_dir>.log` beside OUT_DIR (appended to on reruns).
-* Rerunning the manifest skips jobs whose OUT_DIR holds a report with the same options, and an
-  interrupted job resumes from its staging folder (the engine's own resume).
+* Rerunning the manifest skips jobs whose OUT_DIR already holds their run: the same fingerprint (input
+  checkpoint and result-changing options) that makes `streamprune run` say "already complete". A finished
+  run with other options or input fails the job unless --overwrite, as `run` refuses it. An interrupted
+  job resumes from its staging folder (the engine's own resume).
 * Jobs of the same model and calibration settings share the ratio-independent work through a cache
   folder (default `<manifest folder>/.streamprune-cache`): the tokenised calibration ids and the
   dense pass's layer scores. Only the first job at, say, 20 % runs the dense pass; 35 % and 50 %

@@ -20,9 +20,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint import CheckpointReader
+from ..errors import StreamPruneError
 from ..options import PruneOptions, cli_flag, plain_type
 from ..options import fields as option_fields
-from ..output import REPORT_NAME
+from ..output import finished_run_differences, read_report
+from ..run_state import run_fingerprint
 
 CACHE_NAME = ".streamprune-cache"
 EXIT_INTERRUPTED = 130
@@ -134,26 +137,29 @@ def missing_exports(job: Job) -> list[list[str]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _comparable(options: dict) -> dict:
-    return PruneOptions(**{k: v for k, v in options.items() if k in _FIELDS}).result_options()
-
-
-def _differences(report: dict, job: Job) -> list[str]:
-    """How a finished run's model and options differ from the job's ('nsamples 4 -> 5'); empty if the same."""
-    diffs = []
-    if Path(report["model_dir"]).resolve() != Path(job.model_dir).resolve():
-        diffs.append(f"model_dir {report['model_dir']} -> {job.model_dir}")
-    done, want = _comparable(report["options"]), _comparable(job.options)
-    diffs += [f"{k} {done[k]} -> {want[k]}" for k in want if done.get(k) != want[k]]
-    return diffs
+def run_fingerprint_of(job: Job) -> dict | None:
+    """The engine's identity of the job's run (input checkpoint and result-changing options, see
+    run_state.run_fingerprint); None when the model folder cannot be read, so the job runs and the engine
+    says what is wrong with it."""
+    try:
+        reader = CheckpointReader(job.model_dir)
+    except (OSError, StreamPruneError):
+        return None
+    return run_fingerprint(reader, PruneOptions(**job.options))
 
 
 def _read_finished(job: Job) -> tuple[dict | None, list[str]]:
-    """(report in OUT_DIR, its differences from the job); (None, []) when OUT_DIR holds no readable report."""
+    """(report of the finished run in OUT_DIR, how that run differs from the job's: ['input checkpoint',
+    'nsamples 4 -> 5'], empty when it is the same run). The engine's own test (output.finished_run_differences),
+    so a job is skipped exactly when `streamprune run` would say "already complete". (None, []) when OUT_DIR
+    holds no finished run or the model cannot be read: the job runs."""
+    fingerprint = run_fingerprint_of(job)
+    diffs = None if fingerprint is None else finished_run_differences(Path(job.out_dir), fingerprint)
+    if diffs is None:
+        return None, []
     try:
-        report = json.loads((Path(job.out_dir) / REPORT_NAME).read_text())
-        return report, _differences(report, job)
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_report(job.out_dir), diffs
+    except (OSError, ValueError, StreamPruneError):
         return None, []
 
 
@@ -183,8 +189,8 @@ def run_job(job: Job) -> dict:
         return result(job, SKIPPED, **_from_report(done))
     if done is not None and not diffs:  # pruned earlier; only an export (GGUF, DeciLM) is missing
         return _export_only(job, done)
-    if done is not None and not job.overwrite:  # said here, and more precisely than the engine would
-        return result(job, FAILED, error=f"{job.out_dir} holds a finished run with other settings "
+    if done is not None and not job.overwrite:  # the engine's refusal, without starting a process for it
+        return result(job, FAILED, error=f"{job.out_dir} holds a finished run with other options or input "
                                          f"({', '.join(diffs)}); pass --overwrite to replace it")
     started = time.perf_counter()
     returncode, peak_mb, offset, stdout = _run_child(job)
