@@ -15,12 +15,7 @@ from click.testing import CliRunner
 from streamprune import cli
 from streamprune.batch import BatchSettings, Job, load_manifest, run_batch, run_job
 from streamprune.cli import main
-from tests.helpers import FAST_OPTIONS
-
-
-def _csv(path: Path, header: str, *rows: str) -> Path:
-    path.write_text("\n".join([header, *rows]) + "\n")
-    return path
+from tests.helpers import FAST_OPTIONS, write_csv
 
 
 def _batch(*args: str):
@@ -34,7 +29,7 @@ def _batch(*args: str):
 
 def test_csv_accepts_field_names_cli_spellings_and_typed_cells(tmp_path):
     (tmp_path / "calib.txt").write_text("text")
-    manifest = _csv(tmp_path / "jobs.csv",
+    manifest = write_csv(tmp_path / "jobs.csv",
                     "model_dir,out_dir,ratio,calib,nsamples,gqa-mode,no-greedy,feature_space,layers,alpha",
                     "m,out/a,0.2,calib.txt,16,groups,yes,0,3,",
                     "m,out/b,0.5,wikitext:wikitext-2-raw-v1:train,,,false,TRUE,,7.5",
@@ -54,7 +49,7 @@ def test_csv_accepts_field_names_cli_spellings_and_typed_cells(tmp_path):
 
 def test_manifest_resolves_each_file_of_a_calibration_mixture(tmp_path):
     (tmp_path / "calib.txt").write_text("text")
-    manifest = _csv(tmp_path / "jobs.csv", "model_dir,out_dir,ratio,calib",
+    manifest = write_csv(tmp_path / "jobs.csv", "model_dir,out_dir,ratio,calib",
                     "m,out/a,0.2,calib.txt+builtin+self",
                     "m,out/b,0.2,wikitext:wikitext-2-raw-v1:train+data/more.txt")
     a, b = load_manifest(manifest)
@@ -62,7 +57,7 @@ def test_manifest_resolves_each_file_of_a_calibration_mixture(tmp_path):
     assert b.options["calib"] == f"wikitext:wikitext-2-raw-v1:train+{tmp_path / 'data' / 'more.txt'}"
 
 
-def test_yaml_manifest_reads_like_csv(tmp_path):
+def test_yaml_manifest_reads_likewrite_csv(tmp_path):
     (tmp_path / "jobs.yaml").write_text(
         "- {model_dir: m, out_dir: out/a, ratio: 0.2, gqa-mode: groups, no-greedy: true, batch-size: 4}\n"
         "- model_dir: m\n  out_dir: out/b\n  ratio: 0.35\n  nsamples: 8\n  layers:\n  regression: no\n")
@@ -202,7 +197,7 @@ def test_ray_executor_without_ray_says_how_to_install(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
-    manifest = _csv(tmp_path / "jobs.csv", "model_dir,out_dir,ratio", "m,o,0.2")
+    manifest = write_csv(tmp_path / "jobs.csv", "model_dir,out_dir,ratio", "m,o,0.2")
     result = _batch(manifest, "--executor", "ray")
     assert result.exit_code == 2
     assert "pip install 'streamprune[ray]'" in result.output
@@ -223,7 +218,7 @@ def three_ratios_and_a_failure(models, calib_file, tmp_path_factory):
     rows = [f"model,out/r{int(r * 100)},{r},calib.txt,{fast['nsamples']},{fast['seqlen']},{fast['dtype']}"
             for r in (0.2, 0.35, 0.5)]
     rows.append("no-such-model,out/bad,0.2,calib.txt,4,16,float32")
-    manifest = _csv(root / "jobs.csv", "model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype", *rows)
+    manifest = write_csv(root / "jobs.csv", "model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype", *rows)
     result = _batch(manifest, "--json", root / "summary.json")
     return root, manifest, result
 
@@ -296,7 +291,7 @@ def test_rerun_skips_finished_jobs(three_ratios_and_a_failure):
 @pytest.mark.slow
 def test_changed_options_are_not_skipped(three_ratios_and_a_failure):
     root, _, _ = three_ratios_and_a_failure
-    manifest = _csv(root / "changed.csv", "model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype",
+    manifest = write_csv(root / "changed.csv", "model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype",
                     "model,out/r20,0.2,calib.txt,5,16,float32")
     result = _batch(manifest)
     assert result.exit_code == 1
@@ -309,7 +304,7 @@ def test_a_model_changed_in_place_is_refused_then_rerun_with_overwrite(models, c
     matches (the engine's fingerprint), so the job fails like `run` does, and --overwrite prunes it again."""
     model = shutil.copytree(models("llama-gqa"), tmp_path / "model")
     fast = FAST_OPTIONS
-    manifest = _csv(tmp_path / "jobs.csv", "model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype",
+    manifest = write_csv(tmp_path / "jobs.csv", "model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype",
                     f"model,out/r20,0.2,{calib_file},{fast['nsamples']},{fast['seqlen']},{fast['dtype']}")
     assert _batch(manifest).exit_code == 0
     assert "skipped (done)" in _batch(manifest).stdout
@@ -344,7 +339,7 @@ def test_killed_job_is_reported_and_resumes_on_rerun(models, calib_file, tmp_pat
 @pytest.mark.slow
 def test_ray_executor_runs_jobs_as_tasks_on_a_local_instance(models, calib_file, tmp_path):
     ray = pytest.importorskip("ray")
-    manifest = _csv(tmp_path / "jobs.csv", "model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype",
+    manifest = write_csv(tmp_path / "jobs.csv", "model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype",
                     *[f"{models('llama-gqa')},out/r{r},0.{r},{calib_file},4,16,float32" for r in (25, 40)])
     ray.init(num_cpus=2, include_dashboard=False)
     try:
@@ -362,7 +357,7 @@ def test_ray_executor_runs_jobs_as_tasks_on_a_local_instance(models, calib_file,
 @pytest.mark.slow
 def test_an_interrupted_job_stops_the_batch_resumably(models, calib_file, tmp_path, monkeypatch):
     rows = [f"{models('llama-mha')},out/r{r},0.{r},{calib_file},4,16,float32" for r in (20, 40)]
-    manifest = _csv(tmp_path / "jobs.csv", "model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype", *rows)
+    manifest = write_csv(tmp_path / "jobs.csv", "model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype", *rows)
     monkeypatch.setenv("STREAMPRUNE_FAULT", "int@pass2:1")  # a Ctrl-C reaching the job
     result = _batch(manifest, "--json", tmp_path / "summary.json")
     assert result.exit_code == 130, result.output

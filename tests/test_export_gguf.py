@@ -22,14 +22,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 import streamprune
-from streamprune.cli import main
-from streamprune.errors import StreamPruneError
 from streamprune.export_gguf import export_gguf
 from streamprune.loading import load_pruned, load_tokenizer
 from tests.conftest import CALIB
+from tests.helpers import (
+    assert_batch_exports_each_job_once,
+    assert_manifest_refused,
+    assert_one_error_line,
+    checkpoint_reads,
+    greedy_tokens,
+    invoke_cli,
+    layers_in,
+)
 from tests.tiny_models import make_tiny_model
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
@@ -155,15 +161,6 @@ def _relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
-def _greedy_transformers(model_dir, ids: list[int], n: int) -> list[int]:
-    model = load_pruned(model_dir, dtype=torch.float32)
-    out = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
-    return out[len(ids):]
-
-
 def _greedy_llama(llm, ids: list[int], n: int) -> list[int]:
     llm.reset()
     llm.eval(ids)
@@ -192,7 +189,7 @@ def test_llama_cpp_logits_and_greedy_tokens_match_transformers_f32(case_dir, tmp
     assert llm.tokenize(PROMPT.encode(), add_bos=True, special=False) == ids  # same tokens as transformers
     error = _relative_error(_llama_logits(llm, ids), _transformers_logits(model_dir, ids))
     assert error <= TOLERANCE["f32"], f"{name}: relative logit error {error:.2e}"
-    assert _greedy_llama(llm, ids, GEN_TOKENS) == _greedy_transformers(model_dir, ids, GEN_TOKENS)
+    assert _greedy_llama(llm, ids, GEN_TOKENS) == greedy_tokens(model_dir, ids, GEN_TOKENS)
 
 
 def test_the_cases_cover_what_the_export_must_carry(case_dir):
@@ -302,18 +299,8 @@ def test_q8_0_pads_ffn_widths_to_whole_blocks_with_zero_channels(case_dir, tmp_p
 
 def test_export_reads_one_layer_at_a_time(case_dir, tmp_path, monkeypatch):
     """Streaming: every read of the checkpoint is the embedding, the head, or tensors of a single layer."""
-    from streamprune.checkpoint import CheckpointReader
-
-    reads: list[list[str]] = []
-    real = CheckpointReader.read
-
-    def recording(self, names):
-        reads.append(list(names))
-        return real(self, names)
-
-    monkeypatch.setattr(CheckpointReader, "read", recording)
-    export_gguf(case_dir("gqa-heads"), tmp_path / "model.gguf", "f16")
-    layers_per_read = [{n.split(".")[2] for n in names if n.startswith("model.layers.")} for names in reads]
+    reads = checkpoint_reads(monkeypatch, lambda: export_gguf(case_dir("gqa-heads"), tmp_path / "model.gguf", "f16"))
+    layers_per_read = [layers_in(names) for names in reads]
     assert all(len(layers) <= 1 for layers in layers_per_read)
     assert sum(len(layers) == 1 for layers in layers_per_read) == 4
     assert all(len(names) <= 1 for names, layers in zip(reads, layers_per_read, strict=True) if not layers)
@@ -322,15 +309,8 @@ def test_export_reads_one_layer_at_a_time(case_dir, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ bad input
 
 
-def _export_cli(*args: str):
-    return CliRunner().invoke(main, ["export", *map(str, args)])
-
-
-def _assert_one_line_error(result, message: str) -> None:
-    assert result.exit_code != 0
-    assert message in result.output, result.output
-    assert "Traceback" not in result.output
-    assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
+def _export_cli(*args: object):
+    return invoke_cli("export", *args)
 
 
 def _assert_no_gguf_files(folder: Path) -> None:
@@ -343,7 +323,7 @@ def test_cli_exports_and_refuses_to_overwrite_without_the_flag(models, tmp_path)
     assert result.exit_code == 0, result.output
     assert "exported 39 tensors (q8_0" in result.output and out.read_bytes()[:4] == b"GGUF"
     before = out.read_bytes()
-    _assert_one_line_error(_export_cli(models("llama-gqa"), out), "already exists; pass --overwrite")
+    assert_one_error_line(_export_cli(models("llama-gqa"), out), "already exists; pass --overwrite")
     assert out.read_bytes() == before
     assert _export_cli(models("llama-gqa"), out, "--overwrite", "--outtype", "f32", "-q").exit_code == 0
     assert out.stat().st_size > len(before)
@@ -353,9 +333,9 @@ def test_cli_exports_and_refuses_to_overwrite_without_the_flag(models, tmp_path)
 def test_cli_refuses_a_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not a model")
-    _assert_one_line_error(_export_cli(tmp_path / "empty", tmp_path / "m.gguf"), "has no config.json")
-    _assert_one_line_error(_export_cli(tmp_path / "missing", tmp_path / "m.gguf"), "does not exist")
-    _assert_one_line_error(_export_cli(tmp_path / "empty", tmp_path / "no-such-dir" / "m.gguf"), "does not exist")
+    assert_one_error_line(_export_cli(tmp_path / "empty", tmp_path / "m.gguf"), "has no config.json")
+    assert_one_error_line(_export_cli(tmp_path / "missing", tmp_path / "m.gguf"), "does not exist")
+    assert_one_error_line(_export_cli(tmp_path / "empty", tmp_path / "no-such-dir" / "m.gguf"), "does not exist")
     _assert_no_gguf_files(tmp_path)
 
 
@@ -394,7 +374,7 @@ def _set(path: str, value):
 def test_cli_refuses_what_llama_cpp_cannot_represent(models, case_dir, tmp_path, source, edit, message):
     src = case_dir(source) if source in CASES else models(source)
     model_dir = _edited_copy(src, tmp_path / "model", edit)
-    _assert_one_line_error(_export_cli(model_dir, tmp_path / "m.gguf"), message)
+    assert_one_error_line(_export_cli(model_dir, tmp_path / "m.gguf"), message)
     _assert_no_gguf_files(tmp_path)
 
 
@@ -403,7 +383,7 @@ def test_cli_refuses_a_tokenizer_llama_cpp_would_split_differently(models, tmp_p
     data = json.loads((model_dir / "tokenizer.json").read_text())
     data["pre_tokenizer"] = {"type": "Whitespace"}
     (model_dir / "tokenizer.json").write_text(json.dumps(data))
-    _assert_one_line_error(_export_cli(model_dir, tmp_path / "m.gguf"), "cannot export this byte-level tokenizer")
+    assert_one_error_line(_export_cli(model_dir, tmp_path / "m.gguf"), "cannot export this byte-level tokenizer")
     _assert_no_gguf_files(tmp_path)
 
 
@@ -421,8 +401,8 @@ def test_a_full_disk_while_writing_leaves_no_file(models, tmp_path, monkeypatch)
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full_disk)
-    _assert_one_line_error(_export_cli(models("llama-gqa"), tmp_path / "m.gguf"),
-                           f"writing {tmp_path / 'm.gguf'} failed (No space left on device); nothing was written")
+    assert_one_error_line(_export_cli(models("llama-gqa"), tmp_path / "m.gguf"),
+                          f"writing {tmp_path / 'm.gguf'} failed (No space left on device); nothing was written")
     assert calls["n"] == 6 and list(tmp_path.iterdir()) == []
 
 
@@ -450,9 +430,8 @@ def test_a_real_write_failure_in_a_separate_process_leaves_no_file(models, tmp_p
 
 def test_run_with_gguf_exports_right_after_pruning(models, calib_file, tmp_path):
     out, gguf_path = tmp_path / "out", tmp_path / "out.gguf"
-    result = CliRunner().invoke(main, ["run", str(models("llama-gqa")), str(out), "--ratio", "0.2", "--calib",
-                                       str(calib_file), "--nsamples", "4", "--seqlen", "16", "--quiet",
-                                       "--gguf", str(gguf_path), "--gguf-outtype", "q8_0"])
+    result = invoke_cli("run", models("llama-gqa"), out, "--ratio", "0.2", "--calib", calib_file, "--nsamples", "4",
+                        "--seqlen", "16", "--quiet", "--gguf", gguf_path, "--gguf-outtype", "q8_0")
     assert result.exit_code == 0, result.output
     assert f"-> {gguf_path}" in result.output and gguf_path.read_bytes()[:4] == b"GGUF"
 
@@ -460,14 +439,14 @@ def test_run_with_gguf_exports_right_after_pruning(models, calib_file, tmp_path)
 def test_run_refuses_an_existing_gguf_before_pruning(models, calib_file, tmp_path):
     gguf_path = tmp_path / "out.gguf"
     gguf_path.write_bytes(b"old")
-    result = CliRunner().invoke(main, ["run", str(models("llama-gqa")), str(tmp_path / "out"), "--ratio", "0.2",
-                                       "--calib", str(calib_file), "--quiet", "--gguf", str(gguf_path)])
-    _assert_one_line_error(result, "already exists; pass --overwrite")
+    result = invoke_cli("run", models("llama-gqa"), tmp_path / "out", "--ratio", "0.2", "--calib", calib_file,
+                        "--quiet", "--gguf", gguf_path)
+    assert_one_error_line(result, "already exists; pass --overwrite")
     assert not (tmp_path / "out").exists() and gguf_path.read_bytes() == b"old"
 
 
 def test_batch_manifest_gguf_column_exports_each_job(models, calib_file, tmp_path):
-    from streamprune.batch import BatchSettings, load_manifest, run_batch
+    from streamprune.batch import load_manifest
 
     manifest = tmp_path / "jobs.csv"
     manifest.write_text("model_dir,out_dir,ratio,calib,nsamples,seqlen,dtype,gguf,gguf-outtype\n"
@@ -475,16 +454,12 @@ def test_batch_manifest_gguf_column_exports_each_job(models, calib_file, tmp_pat
                         f"{models('llama-gqa')},b,0.3,{calib_file},4,16,float32,,\n")
     a, b = load_manifest(manifest)
     assert (a.gguf, a.gguf_outtype, b.gguf, b.gguf_outtype) == (str(tmp_path / "a.gguf"), "q8_0", None, "f16")
-    summary = run_batch(manifest, BatchSettings(no_shared_cache=True))
-    assert [j["status"] for j in summary["jobs"]] == ["ok", "ok"], summary
-    assert (tmp_path / "a.gguf").read_bytes()[:4] == b"GGUF" and not (tmp_path / "b.gguf").exists()
-    # A rerun with the GGUF file gone only exports it again; with it present, the job is skipped.
-    (tmp_path / "a.gguf").unlink()
-    summary = run_batch(manifest, BatchSettings(no_shared_cache=True))
-    assert [j["status"] for j in summary["jobs"]] == ["ok", "skipped"], summary
-    assert (tmp_path / "a.gguf").is_file() and "exported" in (tmp_path / "a.log").read_text()
-    assert [j["status"] for j in run_batch(manifest, BatchSettings(no_shared_cache=True))["jobs"]] == [
-        "skipped", "skipped"]
+
+    def a_gguf_file(path: Path) -> None:
+        assert path.read_bytes()[:4] == b"GGUF"
+
+    assert_batch_exports_each_job_once(manifest, tmp_path / "a.gguf", a_gguf_file)
+    assert not (tmp_path / "b.gguf").exists() and "exported" in (tmp_path / "a.log").read_text()
 
 
 @pytest.mark.parametrize(("row", "message"), [
@@ -492,12 +467,7 @@ def test_batch_manifest_gguf_column_exports_each_job(models, calib_file, tmp_pat
     ("m,a,0.2,x.gguf,\nm,b,0.2,x.gguf,\n", "jobs 1 and 2 both write"),
 ])
 def test_batch_manifest_gguf_column_is_validated(tmp_path, row, message):
-    from streamprune.batch import load_manifest
-
-    manifest = tmp_path / "jobs.csv"
-    manifest.write_text("model_dir,out_dir,ratio,gguf,gguf_outtype\n" + row)
-    with pytest.raises(StreamPruneError, match=message):
-        load_manifest(manifest)
+    assert_manifest_refused(tmp_path, "model_dir,out_dir,ratio,gguf,gguf_outtype", row, message)
 
 
 def test_batch_manifest_knows_the_exporters_weight_types():
@@ -508,6 +478,6 @@ def test_batch_manifest_knows_the_exporters_weight_types():
 
 
 def test_qwen3_is_refused_with_one_line(models, tmp_path):
-    result = CliRunner().invoke(main, ["export", str(models("qwen3-gqa")), str(tmp_path / "q.gguf")])
-    _assert_one_line_error(result, "no per-head query/key norm")
+    result = _export_cli(models("qwen3-gqa"), tmp_path / "q.gguf")
+    assert_one_error_line(result, "no per-head query/key norm")
     assert not (tmp_path / "q.gguf").exists()

@@ -22,7 +22,7 @@ from streamprune.reconstruction import (
 )
 from streamprune.report import report_table
 from tests.conftest import CALIB
-from tests.helpers import FAST, output_digest, run_cli_process
+from tests.helpers import FAST, assert_killed_run_resumes_to_a_clean_runs_bytes, output_digest, run_cli_process
 
 # Enough sequences for a held-out set, and a learning rate suited to tiny random weights (std 0.02).
 RECON = {**CALIB, "nsamples": 20, "seqlen": 16, "reconstruct_lr": 3e-4, "reconstruct_epochs": 6}
@@ -262,12 +262,4 @@ def test_killed_in_the_middle_of_a_reconstruction_resumes_to_identical_bytes(mod
     args = ["--ratio", "0.4", "--calib", str(calib_file), "--reconstruct", "both", "--reconstruct-lr", "3e-4",
             "--reconstruct-epochs", "3", "--attention-scale", "1", "--nsamples", "10", "--seqlen", "16",
             "--quiet", "--dtype", "float32"]
-    src = str(models("llama-sharded"))
-    clean = run_cli_process([src, str(tmp_path / "clean"), *args])
-    assert clean.returncode == 0, clean.stderr
-    out = tmp_path / "out"
-    killed = run_cli_process([src, str(out), *args], fault="reconstruct:2")
-    assert killed.returncode == -9 and not out.exists()
-    resumed = run_cli_process([src, str(out), *args])
-    assert resumed.returncode == 0, resumed.stderr
-    assert output_digest(out) == output_digest(tmp_path / "clean")
+    assert_killed_run_resumes_to_a_clean_runs_bytes(str(models("llama-sharded")), args, "reconstruct:2", tmp_path)

@@ -19,9 +19,11 @@ from tests.helpers import (
     FAST_OPTIONS,
     assert_clean_failure,
     folder_digest,
+    kill_then_resume,
     output_digest,
     run_cli,
     run_cli_process,
+    run_to_the_end,
 )
 from tests.tiny_models import make_tiny_model
 
@@ -230,57 +232,48 @@ def test_fp16_overflow_names_the_layer(tmp_path, calib_file):
 
 @pytest.fixture(scope="module")
 def clean_run(models, calib_file, tmp_path_factory):
+    """(model, the run's flags, its output): one uninterrupted run that the crash tests compare against."""
     out = tmp_path_factory.mktemp("clean") / "out"
-    args = [str(models("llama-sharded")), str(out), "--ratio", "0.3", "--calib", str(calib_file), *FAST]
-    result = run_cli_process(args)
-    assert result.returncode == 0, result.stderr
-    return args, out
+    src, flags = str(models("llama-sharded")), ["--ratio", "0.3", "--calib", str(calib_file), *FAST]
+    run_to_the_end([src, str(out), *flags])
+    return src, flags, out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["pass1:2", "pass2:1", "write:3", "finalize"])
 def test_kill_9_then_resume_gives_identical_output(clean_run, tmp_path, fault):
-    args, clean_out = clean_run
-    out = tmp_path / "out"
-    args = [args[0], str(out), *args[2:]]
-    killed = run_cli_process(args, fault)
-    assert killed.returncode == -9
-    assert not out.exists()  # nothing that looks like a finished model
-    resumed = run_cli_process(args)
-    assert resumed.returncode == 0, resumed.stderr
-    assert output_digest(out) == output_digest(clean_out)
+    src, flags, clean_out = clean_run
+    kill_then_resume(src, tmp_path / "out", flags, fault)
+    assert output_digest(tmp_path / "out") == output_digest(clean_out)
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_at_a_layer_boundary_and_resumes(clean_run, tmp_path):
-    args, clean_out = clean_run
-    out = tmp_path / "out"
-    args = [args[0], str(out), *args[2:]]
+    src, flags, clean_out = clean_run
+    args = [src, str(tmp_path / "out"), *flags]
     stopped = run_cli_process(args, "int@pass2:1")
     assert stopped.returncode == 130
     assert "interrupted after layer 1 of pass 2; run the same command again to resume" in stopped.stderr
     assert "Traceback" not in stopped.stderr
-    assert run_cli_process(args).returncode == 0
-    assert output_digest(out) == output_digest(clean_out)
+    run_to_the_end(args)
+    assert output_digest(tmp_path / "out") == output_digest(clean_out)
 
 
 @pytest.mark.slow
 def test_resume_with_different_options_is_refused_until_restart(clean_run, tmp_path):
-    args, clean_out = clean_run
+    src, flags, _ = clean_run
     out = tmp_path / "out"
-    args = [args[0], str(out), *args[2:]]
-    assert run_cli_process(args, "pass2:1").returncode == -9
-    changed = [a if a != "0.3" else "0.25" for a in args]
+    assert run_cli_process([src, str(out), *flags], "pass2:1").returncode == -9
+    changed = [src, str(out), *(a if a != "0.3" else "0.25" for a in flags)]
     refused = run_cli_process(changed)
     assert refused.returncode == 2
     assert "holds an unfinished run with different options" in refused.stderr and "--restart" in refused.stderr
-    assert run_cli_process(changed + ["--restart"]).returncode == 0
+    run_to_the_end(changed + ["--restart"])
     assert json.loads((out / "streamprune_report.json").read_text())["options"]["ratio"] == 0.25
 
 
 @pytest.mark.slow
 def test_two_clean_runs_are_byte_identical(clean_run, tmp_path):
-    args, clean_out = clean_run
-    out = tmp_path / "again"
-    assert run_cli_process([args[0], str(out), *args[2:]]).returncode == 0
-    assert output_digest(out) == output_digest(clean_out)
+    src, flags, clean_out = clean_run
+    run_to_the_end([src, str(tmp_path / "again"), *flags])
+    assert output_digest(tmp_path / "again") == output_digest(clean_out)

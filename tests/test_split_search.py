@@ -11,7 +11,7 @@ from streamprune import engine
 from streamprune.allocation import LayerPlan
 from streamprune.split_search import search_split, split_trial_rows, standardized_error
 from tests.conftest import CALIB
-from tests.helpers import FAST, output_digest, run_cli_process
+from tests.helpers import FAST, assert_killed_run_resumes_to_a_clean_runs_bytes
 
 
 def test_standardized_error_weights_each_dimension_by_its_dense_mean_square():
@@ -112,12 +112,4 @@ def test_fixed_split_layers_record_no_trials(pruned):
 @pytest.mark.parametrize("subset", [[], ["--split-samples", "3"]], ids=["all-sequences", "subset"])
 def test_split_search_killed_mid_run_resumes_to_the_same_output(models, calib_file, tmp_path, subset):
     args = ["--ratio", "0.4", "--calib", str(calib_file), "--split", "search", *subset, *FAST]
-    src = str(models("llama-sharded"))
-    clean = run_cli_process([src, str(tmp_path / "clean"), *args])
-    assert clean.returncode == 0, clean.stderr
-    out = tmp_path / "out"
-    killed = run_cli_process([src, str(out), *args], fault="pass2:2")
-    assert killed.returncode == -9 and not out.exists()
-    resumed = run_cli_process([src, str(out), *args])
-    assert resumed.returncode == 0, resumed.stderr
-    assert output_digest(out) == output_digest(tmp_path / "clean")
+    assert_killed_run_resumes_to_a_clean_runs_bytes(str(models("llama-sharded")), args, "pass2:2", tmp_path)
