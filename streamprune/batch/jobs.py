@@ -137,7 +137,7 @@ def missing_exports(job: Job) -> list[list[str]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_fingerprint_of(job: Job) -> dict | None:
+def _job_fingerprint(job: Job) -> dict | None:
     """The engine's identity of the job's run (input checkpoint and result-changing options, see
     run_state.run_fingerprint); None when the model folder cannot be read, so the job runs and the engine
     says what is wrong with it."""
@@ -153,7 +153,7 @@ def _read_finished(job: Job) -> tuple[dict | None, list[str]]:
     'nsamples 4 -> 5'], empty when it is the same run). The engine's own test (output.finished_run_differences),
     so a job is skipped exactly when `streamprune run` would say "already complete". (None, []) when OUT_DIR
     holds no finished run or the model cannot be read: the job runs."""
-    fingerprint = run_fingerprint_of(job)
+    fingerprint = _job_fingerprint(job)
     diffs = None if fingerprint is None else finished_run_differences(Path(job.out_dir), fingerprint)
     if diffs is None:
         return None, []
