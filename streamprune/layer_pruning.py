@@ -1,6 +1,9 @@
 """Prune one decoder layer on the calibration hidden states it receives (docs/method.md "Head scoring",
 "Channel scoring" and "Recovery").
 
+`LayerPruner` is built once per run and prunes one layer per `prune` call (trying each candidate split with
+`--split search`); each prune is a `LayerJob`, which runs the method parts (method_parts.py) on the layer.
+
 Order inside a layer follows docs/method.md "Calibration propagation": attention is scored, pruned and
 recovered first; the FFN is then scored on the hidden states the *pruned* attention produces. The hidden-state buffer
 is updated in place, batch by batch, so the layer's output becomes the next layer's input.
@@ -142,7 +145,7 @@ class LayerSpec:
 class LayerResult:
     tensors: dict[str, torch.Tensor]  # output tensors, full names, storage dtype
     spec: LayerSpec
-    report: LayerReport
+    report: LayerReport  # the layer's entry of the run report once LayerPruner.prune has completed it
 
 
 def layer_parameter_count(shape: ModelShape, spec: dict) -> int:
