@@ -17,6 +17,9 @@ Every `val_every`-th calibration sequence is held out. The weights with the lowe
 the epochs are kept, and where no epoch beats the closed form on the held-out sequences the closed form
 stays (the window is then reported with `kept: false`). Nothing here holds more than the one window's
 parameters, their gradients, the optimiser state and one copy of the best weights (kept on the host).
+
+`GradientReconstruction` is the method part (method_parts.Reconstruction) that layer_pruning.LayerJob hands each
+window to, as a `WindowProblem`; it returns a `TrainedWindow` the job keeps or drops.
 """
 
 from __future__ import annotations
