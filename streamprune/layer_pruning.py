@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .allocation import HeadUnits, LayerPlan
 from .architecture import LAYER_PREFIX, ModelShape, adapter_of
 from .least_squares import CrossMoments
-from .method_parts import ChannelStatistics, DownProjInput, HeadProblem, LayerReport, MethodParts
+from .method_parts import ChannelChoice, ChannelStatistics, DownProjInput, HeadProblem, LayerReport, MethodParts
 from .modeling import StreamPruneConfig, StreamPruneDecoderLayer
 from .reconstruction import TrainedWindow, WindowProblem
 from .scoring import MomentAccumulator
@@ -535,7 +535,7 @@ class LayerJob:
         keep_mask = torch.ones(n_channels, dtype=torch.bool, device=choice.pruned.device)
         keep_mask[choice.pruned] = False
         kept = keep_mask.nonzero().flatten()
-        self._finish_mlp(kept, stats.dense_out, choice.z_stats)
+        self._finish_mlp(kept, stats.dense_out, choice)
         self.report.channels_kept, self.report.channels_total = int(kept.numel()), n_channels
         return dense_output
 
@@ -551,7 +551,7 @@ class LayerJob:
                 stats.add(xn, z, y)
             stats.dense_out.append(y)
 
-    def _finish_mlp(self, kept: torch.Tensor, dense_out: list[torch.Tensor], z_stats) -> None:
+    def _finish_mlp(self, kept: torch.Tensor, dense_out: list[torch.Tensor], choice: ChannelChoice) -> None:
         """Pruned FFN per batch, recovery of down_proj, then the layer output.
 
         The dense gate/up/down are sliced to the kept channels once and released, one at a time,
@@ -567,11 +567,12 @@ class LayerJob:
         w_kept = w_dense[:, kept.cpu()].to(rt.device, _at_least_float32(rt.dtype))
         old_b = self.stored.get(prefix + "down_proj.bias")
         inp = DownProjInput(w_kept, None if old_b is None else old_b.to(rt.device, torch.float64),
-                            mlp.down_proj.bias, rt.dtype, self.report, w_dense, kept, z_stats)
+                            mlp.down_proj.bias, rt.dtype, self.report, w_dense, kept, choice.z_stats)
+        choice.z_stats = None  # handed to the recovery: freed with `inp.drop_dense()` once the fit is built
         with self.timer.phase("regression"):
             fit = self.parts.recovery.down_proj(inp)
         inp.drop_dense()  # `fit.w` holds the kept columns (or their refit) from here on
-        del z_stats, w_kept, w_dense
+        del w_kept, w_dense
         self._release(mlp, prefix, ("down_proj",))
         keeps_z = fit.keeps_intermediate
         forward = () if keeps_z else fit.forward_weights()
