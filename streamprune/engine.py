@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import shared_cache
-from .allocation import Allocation, LayerPlan, equal_budget_plans, head_units, solve_allocation
-from .architecture import EMBEDDING, LAYER_PREFIX, ModelShape, read_shape
+from .allocation import Allocation, LayerPlan, head_units, solve_allocation
+from .architecture import EMBEDDING, ModelShape, read_shape
 from .checkpoint import (
     INDEX_NAME,
     CheckpointReader,
@@ -37,16 +37,15 @@ from .errors import StreamPruneError
 from .faults import fault_point
 from .hub import resolve_model_dir
 from .layer_pruning import (
-    DenseTargets,
-    LayerResult,
+    LayerPruner,
     LayerRuntime,
+    LayerWork,
     Timer,
     build_layer,
     dense_forward,
-    dense_forward_with_mid,
-    prune_layer,
 )
 from .memory import peak_rss_mb, return_freed_memory_promptly
+from .method_parts import MethodParts
 from .options import PAPER_METHOD, PruneOptions
 from .output import HFFolderOutput, finished_run_differences, read_report
 from .prefetch import LayerPrefetcher
@@ -59,7 +58,7 @@ from .run_state import (
     run_fingerprint,
     staging_dir_for,
 )
-from .split_search import search_split, split_trial_rows
+from .split_search import SplitRule
 
 # ----------------------------------------------------------------------------------------------
 # The engine
@@ -274,119 +273,45 @@ class StreamingPruner:
         dense_stream = None
         if self.options.keeps_dense_stream():
             dense_stream = self._load_hidden(state, "dense") if done else hidden.clone()
-        runtime = self._runtime(hidden)
+        pruner = self._layer_pruner(self._runtime(hidden))
         bar = tqdm(range(done, L), desc="pass 2/2 (prune)", disable=self.quiet, unit="layer", initial=done, total=L)
         prefetcher = LayerPrefetcher(self._read_layer, L, self.options.prefetch)
         try:
             for i in bar:
                 before = dict(self.timer.seconds)
-                self._prune_one(i, prefetcher, hidden, runtime, allocation, writer, state, dense_stream)
-                state.layer_reports[-1]["seconds"] = self._phase_delta(before)
-                dense = state.pass1_seconds
-                if i < len(dense):
-                    state.layer_reports[-1]["seconds"]["pass1_dense_forward"] = dense[i].get("dense_forward")
+                spec, report = self._prune_one(pruner, allocation.plans[i], prefetcher, writer, hidden, dense_stream)
+                report["seconds"] = self._phase_delta(before)  # the layer's whole step: read, prune, write
+                if i < len(state.pass1_seconds):
+                    report["seconds"]["pass1_dense_forward"] = state.pass1_seconds[i].get("dense_forward")
+                state.layer_specs.append(spec)
+                state.layer_reports.append(report)
                 state.pass2_done = i + 1
                 self._save_hidden(state, hidden, f"p2-{i:05d}", dense_stream)
                 self._check_stop(i, "pass 2")
         finally:
             prefetcher.close()
 
-    def _prune_one(self, i, prefetcher, hidden, runtime, allocation, writer, state, dense=None) -> None:
-        plan = allocation.plans[i]
-        stored = self._layer_tensors(prefetcher, i)
-        read_next = lambda: prefetcher.read_ahead(i + 1)  # noqa: E731
-        trials = None
-        candidates = self._split_candidates(plan)
-        if len(candidates) > 1:
-            result, trials = self._prune_searching_split(i, candidates, stored, hidden, runtime, dense, read_next)
-        else:
-            result = self._prune_with_plan(i, plan, stored, hidden, runtime, dense, read_next)
-        del stored
+    def _layer_pruner(self, runtime: LayerRuntime) -> LayerPruner:
+        """The per-layer pruner of this run: the method parts are built here, once."""
+        o = self.options
+        split = SplitRule(search=o.split == "search", samples=o.split_samples, regression=o.regression)
+        return LayerPruner(self.dense_config, self.shape, self.units, MethodParts.from_switches(o.switches()),
+                           runtime, self.timer, self.storage_dtype, split)
+
+    def _prune_one(self, pruner: LayerPruner, plan: LayerPlan, prefetcher: LayerPrefetcher, writer: ShardWriter,
+                   hidden: torch.Tensor, dense: torch.Tensor | None) -> tuple[dict, dict]:
+        """Read, prune and write one layer (`hidden` and `dense` advance in place); returns its sizes and its
+        entry of the run report."""
+        i = plan.layer
+        work = LayerWork(plan, self._layer_tensors(prefetcher, i), hidden, dense,
+                         read_next=lambda: prefetcher.read_ahead(i + 1))
+        result = pruner.prune(work)
+        del work
         self._check_finite(hidden, i)
         fault_point(f"pass2:{i}")
         with self.timer.phase("write"):
             writer.write(i + 1, result.tensors)
-        spec = result.spec.to_dict()
-        dense_spec = self.shape.dense_layer_spec()
-        report = result.report.to_dict()
-        report.update(plan_ratio=plan.ratio, score=plan.score, params_before=_layer_params(self.shape, dense_spec),
-                      params_after=_layer_params(self.shape, spec))
-        if trials is not None:
-            report["split_trials"] = [t.to_dict() for t in trials]
-        state.layer_specs.append(spec)
-        state.layer_reports.append(report)
-
-    def _build(self, i: int, stored: dict, runtime: LayerRuntime) -> tuple[torch.nn.Module, dict]:
-        """The layer module and the weights prune_layer slices from (its own parameters when those hold
-        the stored values exactly: then the checkpoint copy is consumed, so no second copy is kept)."""
-        exact = _holds_exactly(runtime.dtype, self.storage_dtype)
-        with self.timer.phase("build"):
-            layer = build_layer(self.dense_config, i, stored, runtime, consume=exact)
-        if exact:
-            prefix = LAYER_PREFIX.format(i)
-            stored = {prefix + k: v for k, v in layer.state_dict().items()}
-        return layer, stored
-
-    def _prune_with_plan(self, i, plan, stored, hidden, runtime, dense, read_next) -> LayerResult:
-        layer, stored = self._build(i, stored, runtime)
-        targets = self._dense_targets(layer, dense, runtime)
-        if runtime.device.type != "cpu":  # the layer lives in device memory: overlap its whole compute
-            read_next()
-        return prune_layer(layer, stored, hidden, plan, self.units, self.shape.dense_layer_spec(),
-                           self.options.switches(), runtime, self.timer, self.storage_dtype,
-                           weights_released=read_next, targets=targets)
-
-    def _dense_targets(self, layer, dense: torch.Tensor | None, runtime: LayerRuntime) -> DenseTargets | None:
-        """Advance the dense stream through the dense layer (in place); its states are this layer's targets.
-        The layer's input on the dense stream is kept too when reconstruction learns from it."""
-        if dense is None:
-            return None
-        o = self.options
-        inp = dense.clone() if o.reconstruct != "off" and o.reconstruct_inputs == "dense" else None
-        with self.timer.phase("dense_forward"):
-            return DenseTargets(dense_forward_with_mid(layer, dense, runtime), dense, inp)
-
-    def _split_candidates(self, plan: LayerPlan) -> list[LayerPlan]:
-        """The splits of the layer's budget to try: the plan alone unless `--split search` has a choice."""
-        if self.options.split != "search" or not (plan.prunes_attention or plan.prunes_mlp):
-            return [plan]
-        return equal_budget_plans(plan, self.shape, self.units, self.options.regression)
-
-    def _prune_searching_split(self, i, candidates, stored, hidden, runtime, dense, read_next):
-        """`--split search`: prune the layer once per candidate split of its budget, keep the best
-        (split_search.py). Costs one dense forward plus one layer prune per candidate, on all calibration
-        sequences or, with `--split-samples`, on an evenly spaced subset followed by one prune on all."""
-        rows = split_trial_rows(hidden.shape[0], self.options.split_samples)
-        if rows is None:
-            on_cpu = runtime.device.type == "cpu"
-            if not on_cpu:  # the weights go to the device per candidate: overlap the next read with all of it
-                read_next()
-            result, _, trials = self._search_split(i, candidates, stored, hidden, runtime, dense)
-            stored.clear()
-            if on_cpu:
-                read_next()
-            return result, trials
-        subset_dense = None if dense is None else dense[rows]
-        _, plan, trials = self._search_split(i, candidates, stored, hidden[rows], runtime, subset_dense)
-        return self._prune_with_plan(i, plan, stored, hidden, runtime, dense, read_next), trials
-
-    def _search_split(self, i, candidates, stored, states, runtime, dense):
-        """Try every candidate on `states` (overwritten with the kept candidate's output). `stored` is copied
-        for each prune, never consumed; `dense` (the dense-target stream, or a copy of its rows) is advanced."""
-        copy = lambda: {k: v.clone() for k, v in stored.items()}  # noqa: E731  (each prune consumes its copy)
-        layer = self._build(i, copy(), runtime)[0]
-        targets = self._dense_targets(layer, dense, runtime)
-        reference = states.clone()
-        with self.timer.phase("dense_forward"):
-            dense_forward(layer, reference, runtime)
-        del layer
-
-        def prune(candidate: LayerPlan, trial_states: torch.Tensor) -> LayerResult:
-            layer, weights = self._build(i, copy(), runtime)
-            return prune_layer(layer, weights, trial_states, candidate, self.units, self.shape.dense_layer_spec(),
-                               self.options.switches(), runtime, self.timer, self.storage_dtype, targets=targets)
-
-        return search_split(candidates, states, reference, prune, runtime.batches(states.shape[0]))
+        return result.spec.to_dict(), result.report.to_dict()
 
     def reconstruction_memory(self, allocation: Allocation) -> ReconstructionMemory | None:
         """The largest per-layer peak of the reconstruction windows under this allocation (None when off)."""
@@ -510,28 +435,11 @@ class StreamingPruner:
         return report
 
 
-def _holds_exactly(compute: torch.dtype, storage: torch.dtype) -> bool:
-    """Whether every value of `storage` dtype survives a round trip through `compute` dtype."""
-    wider = {torch.float32: {torch.float16, torch.bfloat16, torch.float32},
-             torch.float64: {torch.float16, torch.bfloat16, torch.float32, torch.float64}}
-    return compute == storage or storage in wider.get(compute, set())
-
-
 def _allocation_from_state(saved: dict) -> Allocation:
     s = saved["summary"]
     return Allocation([LayerPlan(**p) for p in saved["plans"]], s["params_before"], s["params_after"],
                       s["target_ratio"], s["base_ratio"], s["alpha"], s["pruned_layers"],
                       s["attention_scale"])  # resolved by solve_allocation; the fingerprint pins the version
-
-
-def _layer_params(shape: ModelShape, spec: dict) -> int:
-    total = 0
-    for dims in shape.adapter.expected_layer_shapes(shape, 0, spec).values():
-        n = 1
-        for d in dims:
-            n *= d
-        total += n
-    return total
 
 
 def _version() -> str:

@@ -1,6 +1,9 @@
 """Prune one decoder layer on the calibration hidden states it receives (docs/method.md "Head scoring",
 "Channel scoring" and "Recovery").
 
+`LayerPruner` is built once per run and prunes one layer per `prune` call (trying each candidate split with
+`--split search`); each prune is a `LayerJob`, which runs the method parts (method_parts.py) on the layer.
+
 Order inside a layer follows docs/method.md "Calibration propagation": attention is scored, pruned and
 recovered first; the FFN is then scored on the hidden states the *pruned* attention produces. The hidden-state buffer
 is updated in place, batch by batch, so the layer's output becomes the next layer's input.
@@ -10,21 +13,22 @@ from __future__ import annotations
 
 import copy
 import time
-from collections import defaultdict
+from collections import ChainMap, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from .allocation import HeadUnits, LayerPlan
-from .architecture import LAYER_PREFIX, adapter_of
+from .architecture import LAYER_PREFIX, ModelShape, adapter_of
 from .least_squares import CrossMoments
-from .method_parts import ChannelStatistics, DownProjInput, HeadProblem, LayerReport, MethodParts, MethodSwitches
+from .method_parts import ChannelChoice, ChannelStatistics, DownProjInput, HeadProblem, LayerReport, MethodParts
 from .modeling import StreamPruneConfig, StreamPruneDecoderLayer
-from .reconstruction import WINDOWS, WindowTrainer
+from .reconstruction import TrainedWindow, WindowProblem
 from .scoring import MomentAccumulator
+from .split_search import SplitRule, SplitTrial, SplitTrials
 
 
 class Timer:
@@ -141,42 +145,174 @@ class LayerSpec:
 class LayerResult:
     tensors: dict[str, torch.Tensor]  # output tensors, full names, storage dtype
     spec: LayerSpec
-    report: LayerReport
+    report: LayerReport  # the layer's entry of the run report once LayerPruner.prune has completed it
 
 
-@torch.no_grad()
-def prune_layer(
-    layer: StreamPruneDecoderLayer,
-    stored: dict[str, torch.Tensor],
-    hidden: torch.Tensor,
-    plan: LayerPlan,
-    units: HeadUnits,
-    dense_spec: dict,
-    switches: MethodSwitches,
-    runtime: LayerRuntime,
-    timer: Timer,
-    out_dtype: torch.dtype,
-    weights_released: Callable[[], None] | None = None,
-    targets: DenseTargets | None = None,
-) -> LayerResult:
-    """Prune `layer` per `plan`, overwrite `hidden` with the pruned layer's output, return new tensors.
+def layer_parameter_count(shape: ModelShape, spec: dict) -> int:
+    """Parameters of one decoder layer of these sizes (`spec`: a LayerSpec as a dict)."""
+    total = 0
+    for dims in shape.adapter.expected_layer_shapes(shape, 0, spec).values():
+        n = 1
+        for d in dims:
+            n *= d
+        total += n
+    return total
 
-    `stored` are the layer's weights at full name, at least as precise as the checkpoint (the engine
-    passes the layer's own parameters when the compute dtype holds the stored values exactly, so no
-    second copy of the layer is kept). Written tensors are sliced and rescaled from these and cast
-    to `out_dtype`, the checkpoint's dtype, one tensor at a time.
 
-    `layer` and `stored` are consumed: each dense weight is released (from both) as soon as its
-    pruned version is in the output, so the dense layer and the pruned one are never both whole in
-    memory. `weights_released` is called once no weight of the layer is held any more, only its
-    output tensors and activations; on CPU the engine starts reading the next layer there, so the
-    read-ahead copy never coincides with the layer's memory peak.
+def _nothing() -> None:
+    pass
+
+
+@dataclass
+class LayerWork:
+    """One layer to prune: its plan, its checkpoint tensors at full name (consumed), its calibration hidden states
+    (overwritten with the pruned layer's output) and, when pass 2 carries it, the dense model's stream (advanced
+    in place through the dense layer). `read_next` is called once no weight of the layer is held any more, only
+    its output tensors and activations: the engine starts reading the next layer there, so the read-ahead copy
+    never coincides with the layer's memory peak."""
+
+    plan: LayerPlan
+    stored: dict[str, torch.Tensor]
+    hidden: torch.Tensor
+    dense: torch.Tensor | None = None
+    read_next: Callable[[], None] = _nothing
+
+
+@dataclass
+class LayerPruner:
+    """Prunes the decoder layers of one run, one `prune` call per layer (docs/architecture.md).
+
+    Built once per run; holds what every layer shares: the dense model's config and shape, the head units, the
+    method parts, the runtime, the timer, the checkpoint's dtype (every output tensor is cast to it) and the rule
+    for splitting a layer's budget between heads and channels (a fixed split, or `--split search`).
     """
-    lstsq_targets = targets if switches.dense_target else None  # dense streams may be kept for reconstruction only
-    job = LayerJob(layer, stored, hidden, plan, units, MethodParts.from_switches(switches), runtime, timer,
-                   _Output(out_dtype), LayerSpec(**dense_spec), LayerReport(plan.layer),
-                   weights_released or (lambda: None), lstsq_targets, targets)
-    return job.run()
+
+    config: StreamPruneConfig  # the dense model's, as the engine builds layers from
+    shape: ModelShape
+    units: HeadUnits
+    parts: MethodParts
+    runtime: LayerRuntime
+    timer: Timer
+    out_dtype: torch.dtype
+    split: SplitRule
+
+    @torch.no_grad()
+    def prune(self, work: LayerWork) -> LayerResult:
+        """Prune `work.plan.layer` per its plan (or the best split of its budget), overwrite `work.hidden` with the
+        pruned layer's output; returns its tensors, its sizes and its entry of the run report.
+
+        `work.stored` is consumed: each dense weight is released as soon as its pruned version is in the output,
+        so the dense layer and the pruned one are never both whole in memory. Weights are sliced and rescaled
+        from tensors at least as precise as the checkpoint (the layer's own parameters when the compute dtype
+        holds the stored values exactly, so no second copy of the layer is kept) and cast to `out_dtype` one
+        tensor at a time.
+        """
+        candidates = self.split.candidates(work.plan, self.shape, self.units)
+        if len(candidates) > 1:
+            result, trials = self._prune_best_split(work, candidates)
+        else:
+            result, trials = self._prune_as_planned(work), None
+        self._complete_report(result, work.plan, trials)
+        return result
+
+    def _complete_report(self, result: LayerResult, plan: LayerPlan, trials: list[SplitTrial] | None) -> None:
+        r = result.report
+        r.plan_ratio, r.score = plan.ratio, plan.score
+        r.params_before = layer_parameter_count(self.shape, self.shape.dense_layer_spec())
+        r.params_after = layer_parameter_count(self.shape, result.spec.to_dict())
+        r.split_trials = None if trials is None else [t.to_dict() for t in trials]
+
+    def _prune_as_planned(self, work: LayerWork) -> LayerResult:
+        """Build the layer from `work.stored`, advance the dense stream through it, prune it per `work.plan`."""
+        layer, weights = self._build(work.plan.layer, work.stored)
+        dense = self._dense_targets(layer, work.dense)
+        if self.runtime.device.type != "cpu":  # the layer lives in device memory: overlap its whole compute
+            work.read_next()
+        return self._prune_built(layer, replace(work, stored=weights), dense)
+
+    def _prune_built(self, layer: StreamPruneDecoderLayer, work: LayerWork, dense: DenseTargets | None
+                     ) -> LayerResult:
+        """Every prune goes through here, a split-search candidate's too: `work.stored` are the weights `layer`
+        was built from, `dense` the dense model's states for this layer (None when pass 2 carries none)."""
+        return LayerJob(self, layer, work, dense).run()
+
+    def _prune_best_split(self, work: LayerWork, candidates: list[LayerPlan]
+                          ) -> tuple[LayerResult, list[SplitTrial]]:
+        """`--split search` (split_search.py): prune the layer once per candidate split of its budget, keep the
+        one nearest the dense layer's output. Costs one dense forward plus one layer prune per candidate, on all
+        calibration sequences or, with `--split-samples`, on an evenly spaced subset followed by one prune of the
+        chosen split on all of them."""
+        rows = self.split.trial_rows(work.hidden.shape[0])
+        if rows is not None:
+            dense = None if work.dense is None else work.dense[rows]
+            subset = LayerWork(work.plan, work.stored, work.hidden[rows], dense)
+            tried = self._try_splits(subset, candidates)
+            plan, trials = tried.best.plan, tried.trials
+            del tried, subset, dense  # the subset's results: only the chosen plan is pruned again, on all sequences
+            return self._prune_as_planned(replace(work, plan=plan)), trials
+        on_cpu = self.runtime.device.type == "cpu"
+        if not on_cpu:  # the weights go to the device per candidate: overlap the next read with all of it
+            work.read_next()
+        tried = self._try_splits(work, candidates)
+        work.stored.clear()
+        if on_cpu:
+            work.read_next()
+        return tried.best.result, tried.trials
+
+    def _try_splits(self, work: LayerWork, candidates: list[LayerPlan]) -> SplitTrials[LayerResult]:
+        """Prune every candidate on a copy of `work.hidden` (then overwritten with the kept candidate's output).
+        `work.stored` is copied for each prune, never consumed; `work.dense` is advanced."""
+        layer = self._build(work.plan.layer, _copy(work.stored))[0]
+        dense = self._dense_targets(layer, work.dense)
+        reference = work.hidden.clone()
+        with self.timer.phase("dense_forward"):
+            dense_forward(layer, reference, self.runtime)
+        del layer
+        tried: SplitTrials[LayerResult] = SplitTrials(reference, self.runtime.batches(work.hidden.shape[0]))
+        for plan in candidates:
+            tried.add(plan, *self._prune_copy(work, plan, dense))
+        work.hidden.copy_(tried.best.states)
+        return tried
+
+    def _prune_copy(self, work: LayerWork, plan: LayerPlan, dense: DenseTargets | None
+                    ) -> tuple[torch.Tensor, LayerResult]:
+        """Prune copies of the layer's weights and states per `plan`; returns the states (now the pruned layer's
+        output) and the result."""
+        states = work.hidden.clone()
+        layer, weights = self._build(plan.layer, _copy(work.stored))
+        return states, self._prune_built(layer, LayerWork(plan, weights, states), dense)
+
+    def _build(self, layer_idx: int, stored: dict[str, torch.Tensor]
+               ) -> tuple[StreamPruneDecoderLayer, dict[str, torch.Tensor]]:
+        """The layer module and the weights the job slices from (its own parameters when those hold the stored
+        values exactly: then the checkpoint copy is consumed, so no second copy is kept)."""
+        exact = _holds_exactly(self.runtime.dtype, self.out_dtype)
+        with self.timer.phase("build"):
+            layer = build_layer(self.config, layer_idx, stored, self.runtime, consume=exact)
+        if exact:
+            prefix = LAYER_PREFIX.format(layer_idx)
+            stored = {prefix + k: v for k, v in layer.state_dict().items()}
+        return layer, stored
+
+    def _dense_targets(self, layer: StreamPruneDecoderLayer, dense: torch.Tensor | None) -> DenseTargets | None:
+        """Advance the dense stream through the dense layer (in place); its states are this layer's targets.
+        The layer's input on the dense stream is kept too when reconstruction learns from it."""
+        if dense is None:
+            return None
+        inp = dense.clone() if self.parts.reconstruction.keeps_dense_input else None
+        with self.timer.phase("dense_forward"):
+            return DenseTargets(dense_forward_with_mid(layer, dense, self.runtime), dense, inp)
+
+
+def _copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in tensors.items()}  # each prune consumes its copy
+
+
+def _holds_exactly(compute: torch.dtype, storage: torch.dtype) -> bool:
+    """Whether every value of `storage` dtype survives a round trip through `compute` dtype."""
+    wider = {torch.float32: {torch.float16, torch.bfloat16, torch.float32},
+             torch.float64: {torch.float16, torch.bfloat16, torch.float32, torch.float64}}
+    return compute == storage or storage in wider.get(compute, set())
 
 
 class _Output(dict):
@@ -194,34 +330,32 @@ class _Output(dict):
             self[name] = tensor
 
 
-@dataclass
 class LayerJob:
-    """One layer being pruned: the module, its weights, its calibration states, its budget, the parts.
+    """One layer being pruned by a LayerPruner: the module, its weights, its calibration states, its plan.
 
     Order (docs/method.md "Calibration propagation"): attention is scored, pruned and recovered first; the
     FFN is then scored on the hidden states the *pruned* attention produces. `hidden` is updated in place, batch
-    by batch, so the layer's output becomes the next layer's input.
+    by batch, so the layer's output becomes the next layer's input. The reconstruction part then trains the
+    windows it asks for, each on that window's input as the job kept it.
     """
 
-    layer: StreamPruneDecoderLayer
-    stored: dict[str, torch.Tensor]
-    hidden: torch.Tensor
-    plan: LayerPlan
-    units: HeadUnits
-    parts: MethodParts
-    runtime: LayerRuntime
-    timer: Timer
-    out: _Output
-    spec: LayerSpec
-    report: LayerReport
-    weights_released: Callable[[], None]
-    targets: DenseTargets | None = None  # least squares to the dense model's states (--target dense)
-    dense_stream: DenseTargets | None = None  # the dense stream, for reconstruction from dense inputs
+    def __init__(self, pruner: LayerPruner, layer: StreamPruneDecoderLayer, work: LayerWork,
+                 dense: DenseTargets | None):
+        self.pruner, self.layer = pruner, layer
+        self.stored, self.hidden, self.plan = work.stored, work.hidden, work.plan
+        self.weights_released = work.read_next
+        self.units, self.parts, self.runtime, self.timer = pruner.units, pruner.parts, pruner.runtime, pruner.timer
+        self.dense_stream = dense  # the dense model's states for this layer, when pass 2 carries them
+        # Least squares to the dense model's states (--target dense) uses them; other recoveries do not.
+        self.targets = dense if self.parts.recovery.dense_target else None
+        self.out = _Output(pruner.out_dtype)
+        self.spec = LayerSpec(**pruner.shape.dense_layer_spec())
+        self.report = LayerReport(work.plan.layer)
 
     def run(self) -> LayerResult:
         prefix = LAYER_PREFIX.format(self.plan.layer)
-        windows = self._reconstruction_windows()
-        from_pruned = self.parts.reconstruction is not None and self.parts.reconstruction.inputs == "pruned"
+        windows = self.parts.reconstruction.windows(self.plan)  # () without reconstruction
+        from_pruned = self.parts.reconstruction.learns_from_pruned_stream
         whole_input = self.hidden.clone() if "layer" in windows else None
         whole_target = self._dense_layer_output(whole_input) if whole_input is not None and from_pruned else None
         layer_input = self.hidden.clone() if "attention" in windows else None
@@ -320,8 +454,6 @@ class LayerJob:
         b_o = self.stored.get(prefix + "o_proj.bias")
         b_o = None if b_o is None else b_o.to(rt.device, torch.float64)
         n_heads = w_o.shape[1] // head_dim
-        keep_units = torch.ones(units.num_units, dtype=torch.bool)
-        recovered = None
         if self.plan.prunes_attention:
             with self.timer.phase("scoring"):
                 problem = HeadProblem(moments.covariance(), moments.mean(), w_o, b_o, self.plan, units, head_dim,
@@ -329,13 +461,15 @@ class LayerJob:
                 del moments  # the float64 Gram: only its covariance is needed from here on
                 keep_units = self.parts.heads.keep_units(problem)
             with self.timer.phase("regression"):
-                recovered = self.parts.recovery.o_proj(problem, keep_units)
+                new_w_o, new_b_o = self.parts.recovery.o_proj(problem, keep_units)
             del problem
+        else:  # every unit kept: o_proj as it is
+            keep_units = torch.ones(units.num_units, dtype=torch.bool)
+            new_w_o, new_b_o = w_o, b_o
         heads = _kept_heads(keep_units, units)
         n_kv_kept = self._write_qkv(attn, prefix, heads, keep_units, head_dim)
         cols = _rows(heads, head_dim).to(rt.device)
-        new_w_o, new_b_o = recovered if recovered is not None else (w_o[:, cols], b_o)
-        del w_o, recovered
+        del w_o
         self._release(attn, prefix, ("o_proj",))
         with self.timer.phase("forward"):
             w_c, b_c = new_w_o.to(rt.dtype), None if new_b_o is None else new_b_o.to(rt.dtype)
@@ -394,11 +528,14 @@ class LayerJob:
             dense_output = torch.empty_like(self.hidden)
             for sl, y in zip(self._batches(), stats.dense_out, strict=True):
                 dense_output[sl] = y.float().to(dense_output.device)
-        choice = self.parts.channels.choose(mlp, stats, self.plan.prune_channels, self.timer)
+        with self.timer.phase("pca"):
+            self.parts.channels.prepare(stats)
+        with self.timer.phase("scoring"):
+            choice = self.parts.channels.choose(mlp, stats, self.plan.prune_channels)
         keep_mask = torch.ones(n_channels, dtype=torch.bool, device=choice.pruned.device)
         keep_mask[choice.pruned] = False
         kept = keep_mask.nonzero().flatten()
-        self._finish_mlp(kept, stats.dense_out, choice.z_stats)
+        self._finish_mlp(kept, stats.dense_out, choice)
         self.report.channels_kept, self.report.channels_total = int(kept.numel()), n_channels
         return dense_output
 
@@ -414,7 +551,7 @@ class LayerJob:
                 stats.add(xn, z, y)
             stats.dense_out.append(y)
 
-    def _finish_mlp(self, kept: torch.Tensor, dense_out: list[torch.Tensor], z_stats) -> None:
+    def _finish_mlp(self, kept: torch.Tensor, dense_out: list[torch.Tensor], choice: ChannelChoice) -> None:
         """Pruned FFN per batch, recovery of down_proj, then the layer output.
 
         The dense gate/up/down are sliced to the kept channels once and released, one at a time,
@@ -426,25 +563,25 @@ class LayerJob:
         self._move_rows(mlp, prefix, ("gate_proj",), kept)
         up = _kept_rows(mlp.up_proj, kept)
         self._move_rows(mlp, prefix, ("up_proj",), kept)
-        w_name = prefix + "down_proj.weight"
-        w_kept = self.stored[w_name][:, kept.cpu()].to(rt.device, _at_least_float32(rt.dtype))
+        w_dense = self.stored[prefix + "down_proj.weight"]
+        w_kept = w_dense[:, kept.cpu()].to(rt.device, _at_least_float32(rt.dtype))
         old_b = self.stored.get(prefix + "down_proj.bias")
         inp = DownProjInput(w_kept, None if old_b is None else old_b.to(rt.device, torch.float64),
-                            mlp.down_proj.bias, rt.dtype, self.report)
+                            mlp.down_proj.bias, rt.dtype, self.report, w_dense, kept, choice.z_stats)
+        choice.z_stats = None  # handed to the recovery: freed with `inp.drop_dense()` once the fit is built
         with self.timer.phase("regression"):
-            fit = self.parts.recovery.down_proj(
-                inp, z_stats=z_stats, kept=kept,
-                w_full=lambda: self.stored[w_name].to(rt.device, _at_least_float32(rt.dtype)))
-        inp.w_kept = None  # `fit.w` holds it (or its refit) from here on
-        del z_stats, w_kept
+            fit = self.parts.recovery.down_proj(inp)
+        inp.drop_dense()  # `fit.w` holds the kept columns (or their refit) from here on
+        del w_kept, w_dense
         self._release(mlp, prefix, ("down_proj",))
-        forward = fit.forward_weights
+        keeps_z = fit.keeps_intermediate
+        forward = () if keeps_z else fit.forward_weights()
         kept_out: list[torch.Tensor] = []  # the pruned FFN output per batch, or its input z_K
         for sl, y in zip(self._batches(), dense_out, strict=True):
             with self.timer.phase("forward"):
                 xn = norm(self.hidden[sl].to(rt.device, rt.dtype))
                 z = mlp.act_fn(F.linear(xn, *gate)) * F.linear(xn, *up)
-                x = None if forward is None else F.linear(z, *forward)
+                x = None if keeps_z else F.linear(z, *forward)
             with self.timer.phase("regression"):
                 t = None
                 if self.targets is not None:
@@ -465,55 +602,38 @@ class LayerJob:
 
     # -- reconstruction (docs/method.md "Reconstruction by gradient") -----------------------------
 
-    def _reconstruction_windows(self) -> tuple[str, ...]:
-        """The windows to reconstruct in this layer: those asked for whose submodule this layer prunes."""
-        settings = self.parts.reconstruction
-        if settings is None:
-            return ()
-        pruned = {"attention": self.plan.prunes_attention, "mlp": self.plan.prunes_mlp,
-                  "layer": self.plan.prunes_attention or self.plan.prunes_mlp}
-        return tuple(w for w in settings.windows if pruned[w])
-
     def _reconstruct(self, window: str, pruned_input: torch.Tensor, dense_output: torch.Tensor | None) -> None:
-        """Train the window's kept weights from the closed form toward the dense window's output; keep them
-        (output tensors and the layer's output in `hidden`) only if they beat the closed form on held-out
-        sequences. `pruned_input` is the window's input on the pruned stream, `dense_output` the dense
-        window's output on it (None when the settings learn from the dense stream)."""
-        settings, rt = self.parts.reconstruction, self.runtime
-        inputs, targets = self._training_pairs(window, pruned_input, dense_output)
-        names, module = self._window_module(window)
-        params = [module.get_parameter(n) for n in names]
-        forward = self._window_forward(window, module)
-        seed = settings.seed * 1_000_003 + len(WINDOWS) * self.plan.layer + WINDOWS.index(window)
-        trainer = WindowTrainer(params, forward, settings, rt.device, seed, f"reconstruct:{self.plan.layer}")
+        """Hand the window to the reconstruction part; keep what it trained (output tensors and the layer's
+        output in `hidden`) only if it beat the closed form on held-out sequences. `pruned_input` is the window's
+        input on the pruned stream, `dense_output` the dense window's output on it (None when the part learns
+        from the dense stream)."""
+        problem = WindowProblem(window, self.plan.layer, self._pruned_config(), ChainMap(self.out, self.stored),
+                                self.runtime, pruned_input, dense_output, self.dense_stream)
         with self.timer.phase("reconstruction"):
-            report = trainer.run(window, inputs, targets)
-        del inputs, targets
-        self.report.reconstruction = [*(self.report.reconstruction or []), report.to_dict()]
-        if not report.kept:
-            return
-        prefix = LAYER_PREFIX.format(self.plan.layer)
+            trained = self.parts.reconstruction.train(problem)
+        del problem
+        self.report.reconstruction = [*(self.report.reconstruction or []), trained.report.to_dict()]
+        if trained.report.kept:
+            self._keep_trained(trained, pruned_input)
+
+    def _keep_trained(self, trained: TrainedWindow, pruned_input: torch.Tensor) -> None:
+        rt, prefix = self.runtime, LAYER_PREFIX.format(self.plan.layer)
         with torch.no_grad():
-            for name, p in zip(names, params, strict=True):
+            for name, p in trained.parameters.items():
                 self.stored.pop(prefix + name, None)
                 self.out[prefix + name] = p
                 p.copy_(self.out[prefix + name])  # as written: the next layer sees the rounded weights
             with self.timer.phase("forward"):
                 for sl in self._batches():
                     x = pruned_input[sl].to(rt.device, torch.float32)
-                    self.hidden[sl] = (x + forward(x)).to(self.hidden.device)
+                    self.hidden[sl] = (x + trained.forward(x)).to(self.hidden.device)
 
-    def _training_pairs(self, window: str, pruned_input: torch.Tensor, dense_output: torch.Tensor | None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets) of the window: from the pruned stream, or from the dense model's own stream."""
-        if dense_output is not None:
-            return pruned_input, dense_output
-        d = self.dense_stream
-        if window == "attention":
-            return d.inp, d.mid - d.inp
-        if window == "layer":
-            return d.inp, d.out - d.inp
-        return d.mid, d.out - d.mid
+    def _pruned_config(self) -> StreamPruneConfig:
+        """The model config with this layer's entry at its sizes so far (the window modules are built from it)."""
+        config = copy.copy(self.pruner.config)
+        config.layer_configs = list(config.layer_configs)
+        config.layer_configs[self.plan.layer] = self.spec.to_dict()
+        return config
 
     def _dense_layer_output(self, layer_input: torch.Tensor) -> torch.Tensor:
         """What the dense layer adds to `layer_input` (one dense forward, before anything is pruned)."""
@@ -521,37 +641,6 @@ class LayerJob:
         with self.timer.phase("forward"):
             dense_forward(self.layer, output, self.runtime)
         return output.sub_(layer_input)
-
-    def _window_module(self, window: str) -> tuple[list[str], torch.nn.Module]:
-        """A float32 copy of the pruned layer's window (submodule and its norm) on the compute device, as
-        written so far; returns its parameter names (relative to the layer) and the layer holding it."""
-        config = copy.copy(self.layer.self_attn.config)
-        config.layer_configs = list(config.layer_configs)
-        config.layer_configs[self.plan.layer] = self.spec.to_dict()
-        with torch.device("meta"):
-            layer = adapter_of(config).layer_module(config, self.plan.layer)
-        prefix = LAYER_PREFIX.format(self.plan.layer)
-        state = {}
-        for part in _WINDOW_PARTS[window]:
-            for name, _ in layer.get_submodule(part).named_parameters(prefix=part):
-                source = self.out[prefix + name] if prefix + name in self.out else self.stored[prefix + name]
-                state[name] = source.to(self.runtime.device, torch.float32, copy=True)  # never an alias
-        layer.load_state_dict(state, strict=False, assign=True)
-        return list(state), layer
-
-    def _window_forward(self, window: str, layer: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The window's contribution to the residual stream, as a function of its input."""
-        if window == "mlp":
-            return lambda x: layer.mlp(layer.post_attention_layernorm(x))
-        cos, sin = (t.float() for t in self.runtime.position_embeddings)
-        if window == "layer":
-            return lambda x: layer(x, position_embeddings=(cos, sin)) - x
-        return lambda x: layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=(cos, sin),
-                                         attention_mask=None)[0]
-
-
-_WINDOW_PARTS = {"attention": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm"),
-                 "layer": ("self_attn", "input_layernorm", "mlp", "post_attention_layernorm")}
 
 
 def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
@@ -572,5 +661,5 @@ def _kept_rows(linear: torch.nn.Linear, rows: torch.Tensor) -> tuple[torch.Tenso
     return linear.weight[rows], None if linear.bias is None else linear.bias[rows]
 
 
-__all__ = ["DenseTargets", "LayerJob", "LayerResult", "LayerRuntime", "LayerSpec", "MethodSwitches", "Timer",
-           "build_layer", "dense_forward", "dense_forward_with_mid", "prune_layer"]
+__all__ = ["DenseTargets", "LayerJob", "LayerPruner", "LayerResult", "LayerRuntime", "LayerSpec", "LayerWork", "Timer",
+           "build_layer", "dense_forward", "dense_forward_with_mid", "layer_parameter_count"]

@@ -1,33 +1,38 @@
 """The swappable parts of the per-layer method, and the options that choose them.
 
-A layer is pruned by three parts (layer_pruning.py runs them in order):
+A layer is pruned by four parts (layer_pruning.LayerJob runs them in order); each kind is a `Protocol` below:
 
-- a **head selector**: which attention units to keep, from the attention output's covariance
+- a **head selector** (`HeadSelector`): which attention units to keep, from the attention output's covariance
   (SlimLLM's Pearson scores with a greedy swap search, or the error left after a refit);
-- a **channel selector**: which FFN channels to prune, from statistics it asks the FFN pass to gather
-  (SlimLLM's feature-space scores, or the error left after a refit);
-- a **recovery** of the two output projections, o_proj and down_proj (none, SlimLLM's per-row
-  a*y+b, or a least-squares refit of every kept weight).
+- a **channel selector** (`ChannelSelector`): which FFN channels to prune, from statistics it asks the FFN pass
+  to gather (SlimLLM's feature-space scores, or the error left after a refit);
+- a **recovery** (`Recovery`) of the two output projections, o_proj and down_proj (plain removal, SlimLLM's
+  per-row a*y+b, or a least-squares refit of every kept weight); for down_proj it returns a `DownProjFit` that
+  follows the pruned FFN's sweep over the calibration batches;
+- a **reconstruction** (`Reconstruction`): gradient training of the pruned windows after the closed form
+  (reconstruction.GradientReconstruction), or none.
 
-`MethodParts.from_switches` builds them from the user's options; a new selector or recovery is a
-class with the same methods, added there.
+`MethodParts.from_switches` builds them once per run from the user's options; a new part is a class that
+satisfies its Protocol, chosen there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
 from .allocation import HeadUnits, LayerPlan
 from .least_squares import CrossMoments, LeastSquaresFit, refit_from_input_moments, refit_to_target
-from .reconstruction import ReconstructionSettings
+from .reconstruction import GradientReconstruction, ReconstructionSettings, TrainedWindow, WindowProblem
 from .recovery import RegressionFit, RegressionSums, apply_fit, fit_from_moments
 from .refit_selection import keep_units_by_refit_error, prune_columns_by_refit_error
 from .scoring import (
     PCA_DTYPE,
+    FeatureSpace,
     MomentAccumulator,
     UnitStats,
     channel_scores,
@@ -86,9 +91,16 @@ class LayerReport:
     channels_kept: int | None = None
     channels_total: int | None = None
     reconstruction: list[dict] | None = None  # one WindowReport per reconstructed window
+    # Filled in by layer_pruning.LayerPruner once the layer is done:
+    plan_ratio: float | None = None  # the allocation's ratio for this layer
+    score: float | None = None  # the dense pass's score (None: not scored)
+    params_before: int | None = None
+    params_after: int | None = None
+    split_trials: list[dict] | None = None  # --split search: one SplitTrial per candidate
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        """None fields are left out, except `score`: a layer no dense pass scored says so."""
+        return {k: v for k, v in self.__dict__.items() if v is not None or k == "score"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,6 +134,16 @@ class HeadProblem:
         """Bool mask over o_proj's input columns for the kept units."""
         mask = torch.repeat_interleave(keep_units.to(self.w_o.device), self.unit_size)
         return mask
+
+
+@runtime_checkable
+class HeadSelector(Protocol):
+    """Chooses the attention units a layer keeps."""
+
+    def keep_units(self, problem: HeadProblem) -> torch.Tensor:
+        """Bool mask over the units (on the CPU), `problem.plan.prune_units_per_bucket` dropped in each bucket.
+        May fill in the head fields of `problem.report`."""
+        ...
 
 
 class SlimLLMHeads:
@@ -174,6 +196,7 @@ class ChannelStatistics:
     y_moments: MomentAccumulator | None = None  # FFN output, for the PCA
     z_moments: MomentAccumulator | None = None  # FFN intermediate, for the refit error
     dense_out: list[torch.Tensor] = field(default_factory=list)  # dense FFN output per batch
+    feature_space: FeatureSpace | None = None  # SlimLLMChannels.prepare: the PCA weighting of the output dims
 
     def add(self, xn: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> None:
         self.x_sq += _sum_of_squares(xn)
@@ -188,6 +211,24 @@ class ChannelStatistics:
 class ChannelChoice:
     pruned: torch.Tensor  # channel indices
     z_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # (cov, mean) of all channels, when gathered
+
+
+@runtime_checkable
+class ChannelSelector(Protocol):
+    """Chooses the FFN channels a layer prunes, from statistics it asks the FFN pass to gather."""
+
+    def statistics(self, n_in: int, n_channels: int, n_out: int, n_tokens: int, device) -> ChannelStatistics:
+        """Empty statistics for an FFN of these sizes, holding the accumulators this selector needs."""
+        ...
+
+    def prepare(self, stats: ChannelStatistics) -> None:
+        """The heavy step on the gathered statistics before scoring (SlimLLM's PCA; the job times it apart as
+        "pca", since the eigendecomposition dominates on CPUs); nothing for selectors without one."""
+        ...
+
+    def choose(self, mlp: torch.nn.Module, stats: ChannelStatistics, count: int) -> ChannelChoice:
+        """The `count` channels to prune, from the dense FFN `mlp` and the prepared statistics."""
+        ...
 
 
 class SlimLLMChannels:
@@ -205,22 +246,22 @@ class SlimLLMChannels:
             stats.y_moments = MomentAccumulator(n_out, device, with_gram=n_tokens >= n_out)
         return stats
 
-    def choose(self, mlp, stats: ChannelStatistics, count: int, timer) -> ChannelChoice:
-        feature_space = None
-        if stats.y_moments is not None:
-            with timer.phase("pca"):  # the eigendecomposition, timed apart: it dominates on CPUs
-                if stats.y_moments.gram is None:
-                    feature_space = feature_space_from_samples(stats.dense_out, stats.y_moments.mean())
-                else:
-                    cov_y = stats.y_moments.covariance().to(PCA_DTYPE)
-                    stats.y_moments = None  # free the float64 Gram before the eigendecomposition's workspace
-                    feature_space = feature_space_from_covariance(cov_y)
-                    del cov_y
-        with timer.phase("scoring"):
-            scores = channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, stats.x_sq,
-                                    stats.z_sq, feature_space)
-            del feature_space
-            return ChannelChoice(lowest_channels(scores, count, self.protect_lowest))
+    def prepare(self, stats: ChannelStatistics) -> None:
+        if not self.feature_space:
+            return
+        if stats.y_moments.gram is None:
+            stats.feature_space = feature_space_from_samples(stats.dense_out, stats.y_moments.mean())
+        else:
+            cov_y = stats.y_moments.covariance().to(PCA_DTYPE)
+            stats.y_moments = None  # free the float64 Gram before the eigendecomposition's workspace
+            stats.feature_space = feature_space_from_covariance(cov_y)
+            del cov_y
+
+    def choose(self, mlp: torch.nn.Module, stats: ChannelStatistics, count: int) -> ChannelChoice:
+        scores = channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, stats.x_sq,
+                                stats.z_sq, stats.feature_space)
+        stats.feature_space = None
+        return ChannelChoice(lowest_channels(scores, count, self.protect_lowest))
 
 
 class RefitChannels:
@@ -234,11 +275,13 @@ class RefitChannels:
         stats.z_moments = MomentAccumulator(n_channels, device)
         return stats
 
-    def choose(self, mlp, stats: ChannelStatistics, count: int, timer) -> ChannelChoice:
-        with timer.phase("scoring"):
-            z_stats = (stats.z_moments.covariance(), stats.z_moments.mean())
-            stats.z_moments = None
-            pruned = prune_columns_by_refit_error(mlp.down_proj.weight, z_stats[0], count, self.damping)
+    def prepare(self, stats: ChannelStatistics) -> None:
+        pass  # the refit error needs no step of its own before scoring
+
+    def choose(self, mlp: torch.nn.Module, stats: ChannelStatistics, count: int) -> ChannelChoice:
+        z_stats = (stats.z_moments.covariance(), stats.z_moments.mean())
+        stats.z_moments = None
+        pruned = prune_columns_by_refit_error(mlp.down_proj.weight, z_stats[0], count, self.damping)
         return ChannelChoice(pruned, z_stats)
 
 
@@ -254,34 +297,63 @@ def _zero_stats(n_in: int, n_channels: int, device) -> ChannelStatistics:
 
 @dataclass
 class DownProjInput:
-    """What a down_proj recovery gets: the kept columns of the dense weight and the dense bias."""
+    """What a down_proj recovery gets: the dense weight (its kept columns, and whole), the dense bias, and
+    what the channel selector learnt about the FFN intermediate."""
 
-    w_kept: torch.Tensor  # (C, |K|), at least float32
-    b_old: torch.Tensor | None  # float64
+    w_kept: torch.Tensor | None  # (C, |K|), at least float32, on the compute device
+    b_old: torch.Tensor | None  # float64; None: down_proj has no bias
     module_bias: torch.Tensor | None  # the dense bias in compute dtype, as the forward uses it
     compute_dtype: torch.dtype
     report: LayerReport
+    # The dense weight as stored, all channels: converted (at least float32, compute device) only by a recovery
+    # that refits from the whole intermediate's covariance, so no other one pays for a full-width float32 copy.
+    w_dense: torch.Tensor | None
+    kept: torch.Tensor  # kept channel indices
+    z_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # ChannelChoice.z_stats: (cov, mean) of all channels
+
+    def drop_dense(self) -> None:
+        """Forget the dense weights and the channel covariance once the fit is built (the fit holds what it
+        needs), so that releasing them from the layer frees their memory."""
+        self.w_kept = self.w_dense = self.z_stats = None
 
 
-class DownProjFit:
-    """Per-layer down_proj recovery (this base class: plain removal).
+@runtime_checkable
+class DownProjFit(Protocol):
+    """One layer's down_proj recovery, following the pruned FFN's sweep over the calibration batches.
 
-    The FFN sweep over the kept channels calls `observe` per batch with the pruned intermediate z, the
-    pruned output x (None when `forward_weights` is None: the weights exist only after the sweep, so
-    the sweep keeps z instead of x), the dense output y and the target t (None: y). Then `finish`
-    settles `w` and `b` (and may turn the kept batches into outputs, in place), and `output` turns
-    each kept batch into the sub-layer's final output.
+    Per batch the sweep calls `observe(z, x, y, t)` with the pruned intermediate z, the pruned output x, the dense
+    output y and the target t (None: y). With `keeps_intermediate` the weights exist only after the sweep: x is
+    None, the sweep keeps z per batch and `finish` turns those into outputs (in place); otherwise the sweep
+    computes x with `forward_weights()` and keeps x. `finish` then settles `w` and `b`, and `output` turns each
+    kept batch into the sub-layer's final output.
     """
+
+    keeps_intermediate: bool
+    w: torch.Tensor
+    b: torch.Tensor | None
+
+    def forward_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def observe(self, z: torch.Tensor, x: torch.Tensor | None, y: torch.Tensor, t: torch.Tensor | None) -> None: ...
+
+    def finish(self, kept: list[torch.Tensor]) -> None: ...
+
+    def output(self, kept: torch.Tensor) -> torch.Tensor: ...
+
+
+class PlainDownProj:
+    """Plain removal: the kept columns unchanged, the dense bias kept."""
+
+    keeps_intermediate = False
 
     def __init__(self, inp: DownProjInput):
         self.inp = inp
         self.w, self.b = inp.w_kept, inp.b_old
 
-    @property
-    def forward_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def forward_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.w.to(self.inp.compute_dtype), self.inp.module_bias
 
-    def observe(self, z: torch.Tensor, x: torch.Tensor | None, y: torch.Tensor, t: torch.Tensor | None) -> None:
+    def observe(self, z, x, y, t) -> None:
         pass
 
     def finish(self, kept: list[torch.Tensor]) -> None:
@@ -291,10 +363,18 @@ class DownProjFit:
         return kept.float()
 
 
-class _AffineDownProj(DownProjFit):
+class AffineDownProj:
+    """docs/method.md "Affine recovery" of down_proj: y_c = a_c x_c + b_c fitted over the sweep."""
+
+    keeps_intermediate = False
+
     def __init__(self, inp: DownProjInput):
-        super().__init__(inp)
+        self.inp = inp
+        self.w, self.b = inp.w_kept, inp.b_old
         self.sums = RegressionSums(inp.w_kept.shape[0], inp.w_kept.device)
+
+    def forward_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.w.to(self.inp.compute_dtype), self.inp.module_bias
 
     def observe(self, z, x, y, t) -> None:
         self.sums.add(x, y)
@@ -309,17 +389,18 @@ class _AffineDownProj(DownProjFit):
         return kept.float() * self.scale + self.shift
 
 
-class _LeastSquaresDownProj(DownProjFit):
+class LeastSquaresDownProj:
     """Accumulates C_KK and C_tK over the sweep (keeping z), solves, then computes the outputs."""
 
+    keeps_intermediate = True  # the weights exist only after the sweep
+
     def __init__(self, inp: DownProjInput, damping: float):
-        super().__init__(inp)
-        self.damping = damping
+        self.inp, self.damping = inp, damping
+        self.w, self.b = inp.w_kept, inp.b_old
         self.moments = CrossMoments(inp.w_kept.shape[1], inp.w_kept.shape[0], inp.w_kept.device)
 
-    @property
-    def forward_weights(self):
-        return None  # the weights exist only after the sweep
+    def forward_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise RuntimeError("the least-squares down_proj has weights only after the sweep")
 
     def observe(self, z, x, y, t) -> None:
         self.moments.add(z, y if t is None else t)
@@ -332,55 +413,89 @@ class _LeastSquaresDownProj(DownProjFit):
         for i, z in enumerate(kept):  # z -> output in place: never both lists whole
             kept[i] = F.linear(z, w_c, b_c)
 
+    def output(self, kept: torch.Tensor) -> torch.Tensor:
+        return kept.float()
 
-class _PrefitDownProj(DownProjFit):
+
+class PrefitDownProj:
     """Least squares straight from the covariance the channel selector gathered (no second Gram)."""
 
+    keeps_intermediate = False
+
     def __init__(self, inp: DownProjInput, fit: LeastSquaresFit):
-        super().__init__(inp)
+        self.inp = inp
+        self.w, self.b = inp.w_kept, inp.b_old
         _take_fit(self, fit)
 
-    @property
-    def forward_weights(self):
+    def forward_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.w.to(self.inp.compute_dtype), self.b.to(self.inp.compute_dtype)
 
+    def observe(self, z, x, y, t) -> None:
+        pass
 
-def _take_fit(target: DownProjFit, fit: LeastSquaresFit) -> None:
+    def finish(self, kept: list[torch.Tensor]) -> None:
+        pass
+
+    def output(self, kept: torch.Tensor) -> torch.Tensor:
+        return kept.float()
+
+
+def _take_fit(target: LeastSquaresDownProj | PrefitDownProj, fit: LeastSquaresFit) -> None:
     target.w, target.b = fit.weight.to(target.w.dtype), fit.bias
     target.inp.report.down_proj_fit = fit.summary()
 
 
-class NoRecovery:
-    """Plain removal: kept weights unchanged, no bias added."""
+@runtime_checkable
+class Recovery(Protocol):
+    """Recovers the output projections after pruning: o_proj from the attention statistics, down_proj over the
+    pruned FFN's sweep."""
 
-    def o_proj(self, p: HeadProblem, keep_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        return None
+    # True: fits to the dense model's hidden states (--target dense), so the job gathers its statistics against
+    # them; False: to the sub-layer's own dense output on the same input.
+    dense_target: bool
 
-    def down_proj(self, inp: DownProjInput, **_) -> DownProjFit:
-        return DownProjFit(inp)
+    def o_proj(self, problem: HeadProblem, keep_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pruned o_proj's (weight, bias) for the kept units; may fill in `problem.report.o_proj_fit`."""
+        ...
+
+    def down_proj(self, inp: DownProjInput) -> DownProjFit: ...
 
 
-class AffineRecovery(NoRecovery):
+class PlainRemoval:
+    """No recovery: kept weights unchanged, no bias added (`--no-regression`)."""
+
+    dense_target = False
+
+    def o_proj(self, p: HeadProblem, keep_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return p.w_o[:, p.kept_columns(keep_units)], p.b_o
+
+    def down_proj(self, inp: DownProjInput) -> DownProjFit:
+        return PlainDownProj(inp)
+
+
+class AffineRecovery:
     """docs/method.md "Affine recovery": per output dim y_c = a_c x_c + b_c (the paper's)."""
 
-    def o_proj(self, p: HeadProblem, keep_units: torch.Tensor):
+    dense_target = False
+
+    def o_proj(self, p: HeadProblem, keep_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         fit = _attention_affine_fit(p, keep_units.to(p.w_o.device))
         p.report.o_proj_fit = fit.summary()
         cols = p.kept_columns(keep_units)
         return apply_fit(p.w_o[:, cols], p.b_o, fit)
 
-    def down_proj(self, inp: DownProjInput, **_) -> DownProjFit:
-        return _AffineDownProj(inp)
+    def down_proj(self, inp: DownProjInput) -> DownProjFit:
+        return AffineDownProj(inp)
 
 
-class LeastSquaresRecovery(NoRecovery):
+class LeastSquaresRecovery:
     """docs/method.md "Least-squares recovery": every kept weight refitted, to the sub-layer's dense output
     or the dense model's."""
 
     def __init__(self, damping: float, dense_target: bool):
         self.damping, self.dense_target = damping, dense_target
 
-    def o_proj(self, p: HeadProblem, keep_units: torch.Tensor):
+    def o_proj(self, p: HeadProblem, keep_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         mask = p.kept_columns(keep_units)
         if p.cross is not None:
             fit = refit_to_target(p.cross, p.w_o[:, mask], p.b_o, self.damping, kept=mask)
@@ -390,13 +505,14 @@ class LeastSquaresRecovery(NoRecovery):
         p.report.o_proj_fit = fit.summary()
         return fit.weight.to(p.w_o.dtype), fit.bias
 
-    def down_proj(self, inp: DownProjInput, *, z_stats=None, kept=None, w_full=None) -> DownProjFit:
-        if z_stats is not None and not self.dense_target:
-            w = w_full()
-            mask = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)
-            mask[kept.to(w.device)] = True
-            return _PrefitDownProj(inp, refit_from_input_moments(*z_stats, mask, w, inp.b_old, self.damping))
-        return _LeastSquaresDownProj(inp, self.damping)
+    def down_proj(self, inp: DownProjInput) -> DownProjFit:
+        if inp.z_stats is None or self.dense_target:
+            return LeastSquaresDownProj(inp, self.damping)
+        # The channel selector gathered the whole intermediate's covariance: solve from it, no second sweep.
+        w = inp.w_dense.to(inp.w_kept.device, inp.w_kept.dtype)
+        mask = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)
+        mask[inp.kept.to(w.device)] = True
+        return PrefitDownProj(inp, refit_from_input_moments(*inp.z_stats, mask, w, inp.b_old, self.damping))
 
 
 def _attention_affine_fit(p: HeadProblem, keep: torch.Tensor) -> RegressionFit:
@@ -419,16 +535,53 @@ def _matvec64(w: torch.Tensor, v: torch.Tensor, chunk: int = 1024) -> torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------
+# Reconstruction (docs/method.md "Reconstruction by gradient")
+# ----------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Reconstruction(Protocol):
+    """Trains the kept weights of a layer's pruned windows after the closed form. The job keeps each window's input
+    on the pruned stream, and with `learns_from_pruned_stream` the dense window's output on it; with
+    `keeps_dense_input` the pruner keeps the layer's input on the dense stream (the training pairs come from the
+    dense model's own stream then)."""
+
+    keeps_dense_input: bool
+    learns_from_pruned_stream: bool
+
+    def windows(self, plan: LayerPlan) -> tuple[str, ...]:
+        """The windows (reconstruction.WINDOWS, in that order) to train in this layer; () for none."""
+        ...
+
+    def train(self, problem: WindowProblem) -> TrainedWindow: ...
+
+
+class NoReconstruction:
+    """The closed form alone (`--reconstruct off`): no window in any layer."""
+
+    keeps_dense_input = False
+    learns_from_pruned_stream = False
+
+    def windows(self, plan: LayerPlan) -> tuple[str, ...]:
+        return ()
+
+    def train(self, problem: WindowProblem) -> TrainedWindow:
+        raise RuntimeError("no window is trained with --reconstruct off")
+
+
+# ----------------------------------------------------------------------------------------------
 # Assembly
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class MethodParts:
-    heads: SlimLLMHeads | RefitHeads
-    channels: SlimLLMChannels | RefitChannels
-    recovery: NoRecovery
-    reconstruction: ReconstructionSettings | None = None
+    """The parts of one run, built once from its switches."""
+
+    heads: HeadSelector
+    channels: ChannelSelector
+    recovery: Recovery
+    reconstruction: Reconstruction
 
     @classmethod
     def from_switches(cls, s: MethodSwitches) -> MethodParts:
@@ -437,9 +590,10 @@ class MethodParts:
         else:
             heads, channels = SlimLLMHeads(s.greedy), SlimLLMChannels(s.feature_space, s.protect_lowest)
         if not s.regression:
-            recovery = NoRecovery()
+            recovery = PlainRemoval()
         elif s.recovery == "lstsq":
             recovery = LeastSquaresRecovery(s.damping, s.dense_target)
         else:
             recovery = AffineRecovery()
-        return cls(heads, channels, recovery, s.reconstruction)
+        reconstruction = NoReconstruction() if s.reconstruction is None else GradientReconstruction(s.reconstruction)
+        return cls(heads, channels, recovery, reconstruction)

@@ -17,17 +17,28 @@ Every `val_every`-th calibration sequence is held out. The weights with the lowe
 the epochs are kept, and where no epoch beats the closed form on the held-out sequences the closed form
 stays (the window is then reported with `kept: false`). Nothing here holds more than the one window's
 parameters, their gradients, the optimiser state and one copy of the best weights (kept on the host).
+
+`GradientReconstruction` is the method part (method_parts.Reconstruction) that layer_pruning.LayerJob hands each
+window to, as a `WindowProblem`; it returns a `TrainedWindow` the job keeps or drops.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from . import split_search
+from .architecture import LAYER_PREFIX, adapter_of
 from .faults import fault_point
+
+if TYPE_CHECKING:
+    from .allocation import LayerPlan
+    from .layer_pruning import DenseTargets, LayerRuntime
+    from .modeling import StreamPruneConfig
 
 WINDOWS = ("attention", "mlp", "layer")  # "layer": the whole decoder layer as one window
 
@@ -84,14 +95,14 @@ def split_rows(n: int, val_every: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dimension_weights(inputs: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """w_d = 1 / mean over tokens of (input + target)_d^2: the dense residual stream after the window."""
-    square = torch.zeros(inputs.shape[-1], dtype=torch.float64)
-    count = 0
-    for chunk in rows.split(8):
-        stream = inputs[chunk].double() + targets[chunk].double()
-        square += stream.square().sum(dim=(0, 1)).cpu()
-        count += stream.shape[0] * stream.shape[1]
-    return (count / square.clamp_min(torch.finfo(torch.float64).tiny)).float()
+    """w_d = 1 / mean over tokens of (input + target)_d^2: the dense residual stream after the window.
+
+    split_search.dimension_weights gives 1 / sum over tokens; the token count is its numerator here, so the
+    weights are the same bytes as when this module divided the count by the sum itself.
+    """
+    count = len(rows) * inputs.shape[1]
+    streams = (inputs[chunk].double() + targets[chunk].double() for chunk in rows.split(8))
+    return split_search.dimension_weights(streams, numerator=count).float()
 
 
 class WindowTrainer:
@@ -196,8 +207,111 @@ def _set_lr(optimiser: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-__all__ = ["WINDOWS", "ReconstructionSettings", "WindowReport", "WindowTrainer", "dimension_weights",
-           "split_rows"]
+# ----------------------------------------------------------------------------------------------
+# The method part (method_parts.Reconstruction): what layer_pruning.LayerJob hands over, and gets back
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WindowProblem:
+    """One window of one pruned layer, as the reconstruction part sees it (LayerJob builds it)."""
+
+    window: str
+    layer: int
+    config: StreamPruneConfig  # the model's, with this layer's entry at its pruned sizes so far
+    weights: Mapping[str, torch.Tensor]  # full name -> the layer's weight as written so far (else dense)
+    runtime: LayerRuntime
+    pruned_input: torch.Tensor  # the window's input on the pruned stream
+    dense_output: torch.Tensor | None  # the dense window's output on it: kept only to learn from the pruned stream
+    dense_stream: DenseTargets | None  # the dense model's own stream: kept only to learn from it
+
+
+@dataclass
+class TrainedWindow:
+    """A trained window: its report, its float32 parameters (names relative to the layer; the closed form
+    stays unless `report.kept`) and the window's contribution to the residual stream, as a function."""
+
+    report: WindowReport
+    parameters: dict[str, torch.nn.Parameter]
+    forward: Callable[[torch.Tensor], torch.Tensor]
+
+
+class GradientReconstruction:
+    """docs/method.md "Reconstruction by gradient": each pruned window's kept weights trained from the closed form
+    toward the dense window's output, kept only where they beat it on held-out sequences."""
+
+    def __init__(self, settings: ReconstructionSettings):
+        self.settings = settings
+
+    @property
+    def keeps_dense_input(self) -> bool:
+        return self.settings.inputs == "dense"
+
+    @property
+    def learns_from_pruned_stream(self) -> bool:
+        return self.settings.inputs == "pruned"
+
+    def windows(self, plan: LayerPlan) -> tuple[str, ...]:
+        """The windows asked for whose submodule this layer prunes."""
+        pruned = {"attention": plan.prunes_attention, "mlp": plan.prunes_mlp,
+                  "layer": plan.prunes_attention or plan.prunes_mlp}
+        return tuple(w for w in self.settings.windows if pruned[w])
+
+    def train(self, problem: WindowProblem) -> TrainedWindow:
+        inputs, targets = self._training_pairs(problem)
+        names, module = _window_module(problem)
+        params = [module.get_parameter(n) for n in names]
+        forward = _window_forward(problem.window, module, problem.runtime.position_embeddings)
+        s, layer = self.settings, problem.layer
+        seed = s.seed * 1_000_003 + len(WINDOWS) * layer + WINDOWS.index(problem.window)
+        trainer = WindowTrainer(params, forward, s, problem.runtime.device, seed, f"reconstruct:{layer}")
+        report = trainer.run(problem.window, inputs, targets)
+        return TrainedWindow(report, dict(zip(names, params, strict=True)), forward)
+
+    def _training_pairs(self, p: WindowProblem) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of the window: from the pruned stream, or from the dense model's own stream."""
+        if self.learns_from_pruned_stream:
+            return p.pruned_input, p.dense_output
+        d = p.dense_stream
+        if p.window == "attention":
+            return d.inp, d.mid - d.inp
+        if p.window == "layer":
+            return d.inp, d.out - d.inp
+        return d.mid, d.out - d.mid
+
+
+_WINDOW_PARTS = {"attention": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm"),
+                 "layer": ("self_attn", "input_layernorm", "mlp", "post_attention_layernorm")}
+
+
+def _window_module(p: WindowProblem) -> tuple[list[str], torch.nn.Module]:
+    """A float32 copy of the pruned layer's window (submodule and its norm) on the compute device, as written so
+    far; returns its parameter names (relative to the layer) and the layer module holding it."""
+    with torch.device("meta"):
+        layer = adapter_of(p.config).layer_module(p.config, p.layer)
+    prefix = LAYER_PREFIX.format(p.layer)
+    state = {}
+    for part in _WINDOW_PARTS[p.window]:
+        for name, _ in layer.get_submodule(part).named_parameters(prefix=part):
+            state[name] = p.weights[prefix + name].to(p.runtime.device, torch.float32, copy=True)  # never an alias
+    layer.load_state_dict(state, strict=False, assign=True)
+    return list(state), layer
+
+
+def _window_forward(window: str, layer: torch.nn.Module, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The window's contribution to the residual stream, as a function of its input."""
+    if window == "mlp":
+        return lambda x: layer.mlp(layer.post_attention_layernorm(x))
+    cos, sin = (t.float() for t in position_embeddings)
+    if window == "layer":
+        return lambda x: layer(x, position_embeddings=(cos, sin)) - x
+    return lambda x: layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=(cos, sin),
+                                     attention_mask=None)[0]
+
+
+__all__ = ["WINDOWS", "GradientReconstruction", "ReconstructionSettings", "TrainedWindow", "WindowProblem",
+           "WindowReport", "WindowTrainer", "dimension_weights", "split_rows"]
 
 
 # ----------------------------------------------------------------------------------------------

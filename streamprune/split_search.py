@@ -7,8 +7,11 @@ its calibration hidden states, and the split whose output is closest to the dens
 the same input is kept. The attention and the FFN of one layer write into the same residual stream,
 so their errors are comparable there; across layers they are not (docs/results.md, the error-driven
 allocation), which is why the budget of each layer still comes from the allocation. With `--split-samples n`
-the candidates are tried on n evenly spaced calibration sequences (split_trial_rows) and the engine then prunes
-the chosen split once on all of them.
+the candidates are tried on n evenly spaced calibration sequences (split_trial_rows) and the chosen split is then
+pruned once on all of them.
+
+`SplitRule` says which splits a layer tries; `SplitTrials` scores the candidates' outputs and keeps the nearest.
+The pruning itself is layer_pruning.LayerPruner's: it runs each candidate through its own layer job.
 
 The distance weights each hidden dimension by the inverse of its mean square in the dense output.
 LLaMA-family models carry a few "massive activation" dimensions (SmolLM2: mean square about 8,100
@@ -19,12 +22,36 @@ against 6.06x with the weighting; docs/results.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Generic, TypeVar
 
 import torch
 
-from .allocation import LayerPlan
+from .allocation import HeadUnits, LayerPlan, equal_budget_plans
+from .architecture import ModelShape
+
+ResultT = TypeVar("ResultT")
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """How a layer's budget is split between heads and FFN channels: the plan's fixed split, or (`search`)
+    every equal-budget split tried on `samples` calibration sequences (0: all of them)."""
+
+    search: bool
+    samples: int = 0
+    regression: bool = True  # the recovery adds biases: candidates count removed parameters as allocation does
+
+    def candidates(self, plan: LayerPlan, shape: ModelShape, units: HeadUnits) -> list[LayerPlan]:
+        """The splits of the layer's budget to try: the plan alone unless a search has a choice."""
+        if not self.search or not (plan.prunes_attention or plan.prunes_mlp):
+            return [plan]
+        return equal_budget_plans(plan, shape, units, self.regression)
+
+    def trial_rows(self, num_sequences: int) -> torch.Tensor | None:
+        """The calibration sequences the candidates are tried on (split_trial_rows); None: all of them."""
+        return split_trial_rows(num_sequences, self.samples)
 
 
 @dataclass
@@ -39,13 +66,15 @@ class SplitTrial:
         return asdict(self)
 
 
-def dimension_weights(reference: torch.Tensor, batches: list[slice]) -> torch.Tensor:
-    """1 / sum_t reference_td^2 per hidden dimension d (float64), accumulated batch by batch."""
-    width = reference.shape[-1]
-    square = torch.zeros(width, dtype=torch.float64)
-    for sl in batches:
-        square += reference[sl].to(torch.float64).reshape(-1, width).pow(2).sum(0).cpu()
-    return 1.0 / square.clamp_min(torch.finfo(torch.float64).tiny)
+def dimension_weights(batches: Iterable[torch.Tensor], numerator: float = 1.0) -> torch.Tensor:
+    """numerator / sum_t x_td^2 per hidden dimension d (float64), over the tokens of every batch.
+
+    Accumulated batch by batch in float64, so no full-size float64 copy of the states is made.
+    """
+    square = 0.0
+    for batch in batches:
+        square = square + batch.to(torch.float64).reshape(-1, batch.shape[-1]).pow(2).sum(0).cpu()
+    return numerator / square.clamp_min(torch.finfo(torch.float64).tiny)
 
 
 def standardized_error(output: torch.Tensor, reference: torch.Tensor, batches: list[slice],
@@ -53,10 +82,10 @@ def standardized_error(output: torch.Tensor, reference: torch.Tensor, batches: l
     """mean over tokens of sum_d (output - reference)_d^2 / m_d, with m_d the mean of reference_d^2.
 
     Accumulated batch by batch in float64, so no full-size float64 copy of the states is made.
-    `weights` are dimension_weights(reference), passed in when several outputs share one reference.
+    `weights` are the dimension_weights of `reference`, passed in when several outputs share one reference.
     """
     if weights is None:
-        weights = dimension_weights(reference, batches)
+        weights = dimension_weights(reference[sl] for sl in batches)
     width = reference.shape[-1]
     diff = torch.zeros(width, dtype=torch.float64)
     for sl in batches:
@@ -73,26 +102,33 @@ def split_trial_rows(num_sequences: int, samples: int) -> torch.Tensor | None:
     return torch.arange(samples) * num_sequences // samples
 
 
-def search_split(candidates: list[LayerPlan], hidden: torch.Tensor, reference: torch.Tensor,
-                 prune: Callable[[LayerPlan, torch.Tensor], object],
-                 batches: list[slice]) -> tuple[object, LayerPlan, list[SplitTrial]]:
-    """Prune with every candidate plan on a copy of `hidden`; keep the one whose output is nearest `reference`.
+@dataclass
+class _Candidate(Generic[ResultT]):
+    error: float
+    plan: LayerPlan
+    states: torch.Tensor
+    result: ResultT
 
-    `prune(plan, states)` prunes the layer per `plan`, overwriting `states` with the pruned layer's
-    output, and returns its result. `hidden` is overwritten with the kept candidate's output; the
-    kept result, its plan and every trial are returned. Ties keep the earlier candidate.
-    """
-    best = None
-    trials = []
-    weights = dimension_weights(reference, batches)  # one reference for every candidate
-    for plan in candidates:
-        states = hidden.clone()
-        result = prune(plan, states)
-        error = standardized_error(states, reference, batches, weights)
-        trials.append(SplitTrial(plan.prune_units_per_bucket, plan.prune_channels, error))
-        if best is None or error < best[0]:
-            best = (error, result, plan, states)
-        del states, result
-    _, result, plan, states = best
-    hidden.copy_(states)
-    return result, plan, trials
+
+class SplitTrials(Generic[ResultT]):
+    """The candidate splits tried on one layer, each scored by the standardized error of its output against
+    `reference` (the dense layer's output on the same input); the nearest is kept, ties keep the earlier."""
+
+    def __init__(self, reference: torch.Tensor, batches: list[slice]):
+        self.reference, self.batches = reference, batches
+        self.weights = dimension_weights(reference[sl] for sl in batches)  # one reference for every candidate
+        self.trials: list[SplitTrial] = []
+        self._best: _Candidate[ResultT] | None = None
+
+    def add(self, plan: LayerPlan, states: torch.Tensor, result: ResultT) -> None:
+        """Score a candidate's output `states`; keep it (states and result) if it is the nearest so far."""
+        error = standardized_error(states, self.reference, self.batches, self.weights)
+        self.trials.append(SplitTrial(plan.prune_units_per_bucket, plan.prune_channels, error))
+        if self._best is None or error < self._best.error:
+            self._best = _Candidate(error, plan, states, result)
+
+    @property
+    def best(self) -> _Candidate[ResultT]:
+        if self._best is None:
+            raise ValueError("no candidate tried")
+        return self._best

@@ -17,6 +17,7 @@ from streamprune.reconstruction import (
     ReconstructionSettings,
     WindowSizes,
     WindowTrainer,
+    dimension_weights,
     reconstruction_memory,
     split_rows,
 )
@@ -64,6 +65,16 @@ def test_split_rows_hold_out_every_nth_sequence():
     assert set(train.tolist()) | set(val.tolist()) == set(range(20))
     assert [r.tolist() for r in split_rows(3, 0)] == [[0, 1, 2], [0, 1, 2]]  # no hold-out: training decides
     assert split_rows(3, 5)[1].tolist() == [2]  # fewer sequences than N still validate on one
+
+
+def test_dimension_weights_are_the_inverse_mean_square_of_the_dense_stream_after_the_window():
+    gen = torch.Generator().manual_seed(0)
+    inputs, targets = torch.randn(10, 6, 4, generator=gen), torch.randn(10, 6, 4, generator=gen)
+    inputs[..., 0] *= 50  # a massive-activation dimension weighs as much as the others once weighted
+    rows = torch.tensor([0, 3, 4, 9])
+    stream = (inputs[rows].double() + targets[rows].double()).reshape(-1, 4)
+    expected = 1 / stream.square().mean(0)
+    assert torch.allclose(dimension_weights(inputs, targets, rows).double(), expected, rtol=1e-6)
 
 
 def test_trainer_lowers_training_and_held_out_error_and_keeps_the_best_epoch():

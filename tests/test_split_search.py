@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import streamprune
-from streamprune import engine
+from streamprune import layer_pruning
 from streamprune.allocation import LayerPlan
-from streamprune.split_search import search_split, split_trial_rows, standardized_error
+from streamprune.split_search import SplitTrials, split_trial_rows, standardized_error
 from tests.conftest import CALIB
 from tests.helpers import FAST, assert_killed_run_resumes_to_a_clean_runs_bytes
 
@@ -31,22 +31,25 @@ def test_standardized_error_weights_each_dimension_by_its_dense_mean_square():
         standardized_error(in_ordinary, reference, batches), rel=1e-5)  # float32 rounding of x * 1.01
 
 
-def test_search_keeps_the_candidate_nearest_the_reference_and_writes_its_output():
+def test_trials_keep_the_candidate_nearest_the_reference():
     reference = torch.ones(2, 3, 4)
-    hidden = torch.zeros(2, 3, 4)
     candidates = [LayerPlan(1, 0.9, 1.0, 0.5, u, 10 - 3 * u) for u in range(3)]
     offsets = {0: 0.5, 1: 0.1, 2: 0.3}  # candidate 1 lands nearest the reference
+    tried = SplitTrials(reference, [slice(0, 1), slice(1, 2)])
+    for plan in candidates:
+        tried.add(plan, reference + offsets[plan.prune_units_per_bucket], f"result-{plan.prune_units_per_bucket}")
+    assert tried.best.result == "result-1" and tried.best.plan is candidates[1]
+    assert torch.allclose(tried.best.states, reference + 0.1)
+    assert [(t.prune_units_per_bucket, t.prune_channels) for t in tried.trials] == [(0, 10), (1, 7), (2, 4)]
+    assert [round(t.error, 6) for t in tried.trials] == [round(4 * o**2, 6) for o in (0.5, 0.1, 0.3)]
 
-    def prune(plan, states):
-        assert torch.equal(states, torch.zeros(2, 3, 4))  # every candidate starts from the same input
-        states.copy_(reference + offsets[plan.prune_units_per_bucket])
-        return f"result-{plan.prune_units_per_bucket}"
 
-    result, plan, trials = search_split(candidates, hidden, reference, prune, [slice(0, 1), slice(1, 2)])
-    assert result == "result-1" and plan is candidates[1]
-    assert torch.allclose(hidden, reference + 0.1)
-    assert [(t.prune_units_per_bucket, t.prune_channels) for t in trials] == [(0, 10), (1, 7), (2, 4)]
-    assert [round(t.error, 6) for t in trials] == [round(4 * o**2, 6) for o in (0.5, 0.1, 0.3)]
+def test_trials_keep_the_earlier_of_two_equal_candidates():
+    reference = torch.ones(1, 2, 3)
+    tried = SplitTrials(reference, [slice(0, 1)])
+    for u in range(2):
+        tried.add(LayerPlan(0, 0.9, 1.0, 0.5, u, 4), reference + 0.2, u)
+    assert tried.best.result == 0
 
 
 def test_engine_keeps_the_split_with_the_least_error_in_every_layer(models, calib_file, tmp_path):
@@ -77,13 +80,14 @@ def test_split_trial_rows_are_evenly_spaced_or_all():
 
 def test_split_samples_tries_candidates_on_a_subset_then_prunes_on_all(models, calib_file, tmp_path, monkeypatch):
     seen = []  # calibration sequences handed to each layer prune, in order
-    real_prune_layer = engine.prune_layer
+    real_run = layer_pruning.LayerJob.run
 
-    def recording_prune_layer(layer, stored, hidden, plan, *args, **kwargs):
-        seen.append((plan.layer, hidden.shape[0], plan.prune_units_per_bucket, plan.prune_channels))
-        return real_prune_layer(layer, stored, hidden, plan, *args, **kwargs)
+    def recording_run(job):
+        plan = job.plan
+        seen.append((plan.layer, job.hidden.shape[0], plan.prune_units_per_bucket, plan.prune_channels))
+        return real_run(job)
 
-    monkeypatch.setattr(engine, "prune_layer", recording_prune_layer)
+    monkeypatch.setattr(layer_pruning.LayerJob, "run", recording_run)
     report = streamprune.prune(models("llama-gqa"), tmp_path / "out", 0.4, calib=str(calib_file), split="search",
                                split_samples=3, **CALIB).report
     assert report["options"]["split_samples"] == 3

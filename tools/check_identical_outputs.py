@@ -1,11 +1,12 @@
 """sha256 of every output file of a matrix of pruning options, to prove a refactor changed no output.
 
-Builds tiny random models (as the tests do), prunes each under a matrix of options through
-`streamprune.prune`, and prints one JSON object {case: {file: sha256}} covering every safetensors shard
-and the config. Run it on the commit before a refactor and on the one after, then compare:
+Builds tiny random models (as the tests do), prunes each under a matrix of options (gradient reconstruction
+and --split search included) through `streamprune.prune`, and prints one JSON object {case: {file: sha256}}
+covering every safetensors shard and the config. Run it on the commit before a refactor and on the one
+after, then compare:
 
-    PYTHONPATH=/tmp/base python /tmp/base/tools/check_identical_outputs.py > before.json   # old worktree
-    python tools/check_identical_outputs.py > after.json
+    PYTHONPATH=/tmp/base python tools/check_identical_outputs.py > before.json   # the old checkout's package
+    python tools/check_identical_outputs.py > after.json                          # this checkout's
     python tools/check_identical_outputs.py --compare before.json after.json
 
 The run report is left out (it holds timings). One thread, float32, a calibration file of fixed text:
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -24,9 +26,15 @@ import click
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests/tiny_models.py builds the models
+# tests/tiny_models.py builds the models. A PYTHONPATH picks the streamprune under test (an old checkout, for the
+# "before" hashes), so this checkout then goes last instead of first; stderr names the package used.
+if os.environ.get("PYTHONPATH"):
+    sys.path.append(str(REPO))
+else:
+    sys.path.insert(0, str(REPO))
 
 CALIB = {"nsamples": 8, "seqlen": 16, "dtype": "float32", "quiet": True}
+RECON = {"nsamples": 20, "reconstruct_lr": 3e-4, "reconstruct_epochs": 2}
 # case -> (model, ratio, options). GQA models so that --gqa-mode groups differs from heads.
 CASES: dict[str, tuple[str, float, dict]] = {
     "defaults-0.2": ("llama", 0.2, {}),
@@ -38,6 +46,15 @@ CASES: dict[str, tuple[str, float, dict]] = {
     "target-dense": ("llama", 0.5, {"target": "dense"}),
     "split-search": ("llama", 0.2, {"split": "search"}),
     "split-search-samples": ("llama", 0.2, {"split": "search", "split_samples": 4}),
+    "split-search-samples-dense": ("llama", 0.2, {"split": "search", "split_samples": 4, "target": "dense"}),
+    # Gradient reconstruction, with the tests' settings (tests/test_reconstruction.py RECON) at two epochs: every
+    # case keeps some trained window, so its bytes differ from the closed form's.
+    "reconstruct-both": ("llama", 0.5, {"reconstruct": "both", **RECON}),
+    "reconstruct-mlp-pruned": ("llama", 0.5, {"reconstruct": "mlp", "reconstruct_inputs": "pruned", **RECON}),
+    "reconstruct-layer": ("qwen2", 0.5, {"reconstruct": "layer", **RECON}),
+    "reconstruct-layer-pruned-dense": ("llama", 0.5, {"reconstruct": "layer", "reconstruct_inputs": "pruned",
+                                                      "target": "dense", **RECON}),
+    "reconstruct-split-search": ("llama", 0.2, {"split": "search", "reconstruct": "both", **RECON}),
     "gqa-groups": ("llama", 0.5, {"gqa_mode": "groups"}),
     "uniform": ("llama", 0.5, {"uniform": True}),
     "attention-scale-1": ("llama", 0.2, {"attention_scale": 1.0}),
@@ -65,6 +82,8 @@ def run_matrix(work: Path) -> dict[str, dict[str, str]]:
     import streamprune
     from tests.tiny_models import make_tiny_model, write_calib_text
 
+    click.echo(f"streamprune from {Path(streamprune.__file__).parent}", err=True)
+
     calib = write_calib_text(work / "calib.txt")
     models = {name: make_tiny_model(work / name, **spec) for name, spec in MODELS.items()}
     hashes = {}
@@ -84,7 +103,7 @@ def compare(before: dict, after: dict) -> int:
         same = before.get(case) == after.get(case)
         bad += not same
         n = len(after.get(case, {}))
-        click.echo(f"{case:24s} {'identical' if same else 'DIFFERENT'} ({n} files)")
+        click.echo(f"{case:32s} {'identical' if same else 'DIFFERENT'} ({n} files)")
     click.echo("all identical" if not bad else f"{bad} case(s) differ")
     return 1 if bad else 0
 
