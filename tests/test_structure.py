@@ -1,11 +1,9 @@
-"""The shape of the code the issue #25 refactor settled on: method parts satisfy their Protocols, and no function
-takes more than eight parameters."""
+"""The shape of the code the issue #25 refactor settled on: method parts satisfy their Protocols, explicit
+flags instead of None signals (the eight-parameter rule is in test_code_shape.py)."""
 
 from __future__ import annotations
 
-import ast
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,12 +28,6 @@ from streamprune.method_parts import (
     SlimLLMHeads,
 )
 from streamprune.reconstruction import GradientReconstruction, ReconstructionSettings
-
-PACKAGE = Path(__file__).resolve().parents[1] / "streamprune"
-MAX_PARAMETERS = 8
-# Fixed on branches tidy/chmult (other helpers own these files); the lead removes this list after merging them.
-NOT_YET_FIXED = {"allocation.py:solve_allocation", "calibration.py:generate_self_calibration",
-                 "evaluation.py:evaluate", "demo/__init__.py:run_demo", "demo/__init__.py:_prune"}
 
 SETTINGS = ReconstructionSettings(("attention", "mlp"), "dense", 1, 1e-3, 4, 5, 0)
 
@@ -94,34 +86,3 @@ def test_every_switch_combination_builds_parts_that_satisfy_the_protocols(select
 def test_an_unscored_layer_says_so_in_its_report():
     assert LayerReport(3).to_dict() == {"layer": 3, "score": None}
 
-
-def _functions(tree: ast.AST):
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield node
-
-
-def _parameter_count(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
-    """Positional and keyword parameters, *args and **kwargs, not counting self or cls."""
-    a = node.args
-    names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
-    if names[:1] in (["self"], ["cls"]):
-        names = names[1:]
-    return len(names) + (a.vararg is not None) + (a.kwarg is not None)
-
-
-def _is_click_command(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
-    return any("command" in ast.unparse(d) for d in node.decorator_list)
-
-
-def test_no_function_takes_more_than_eight_parameters():
-    """Click commands in cli.py take one parameter per option and are left out."""
-    too_many = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        name = path.relative_to(PACKAGE).as_posix()
-        for node in _functions(ast.parse(path.read_text())):
-            if name == "cli.py" and _is_click_command(node):
-                continue
-            if _parameter_count(node) > MAX_PARAMETERS and f"{name}:{node.name}" not in NOT_YET_FIXED:
-                too_many.append(f"{name}:{node.name} ({_parameter_count(node)})")
-    assert not too_many, f"functions with more than {MAX_PARAMETERS} parameters: {too_many}"
