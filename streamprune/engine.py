@@ -49,7 +49,7 @@ from .method_parts import MethodParts
 from .options import PAPER_METHOD, PruneOptions
 from .output import HFFolderOutput, finished_run_differences, read_report
 from .prefetch import LayerPrefetcher
-from .reconstruction import ReconstructionMemory, WindowSizes, reconstruction_memory
+from .reconstruction import GradientReconstruction, ReconstructionMemory, WindowSizes, reconstruction_memory
 from .run_state import (
     RunState,
     StopFlag,
@@ -318,7 +318,7 @@ class StreamingPruner:
         settings = self.options.reconstruction()
         if settings is None:
             return None
-        s, u = self.shape, self.units
+        s, u, part = self.shape, self.units, GradientReconstruction(settings)
         compute_bytes = torch.empty((), dtype=self.dtype).element_size()
         worst = None
         for plan in allocation.plans:
@@ -326,8 +326,7 @@ class StreamingPruner:
             sizes = WindowSizes(s.hidden_size, s.num_heads - removed_units * u.heads_per_unit,
                                 s.num_kv_heads - removed_units * u.kv_heads_per_unit, s.head_dim,
                                 s.intermediate_size - plan.prune_channels, 3 * s.hidden_size * s.intermediate_size)
-            windows = tuple(w for w in settings.windows
-                            if (plan.prunes_attention if w == "attention" else plan.prunes_mlp))
+            windows = part.windows(plan)  # the rule the reconstruction itself follows
             memory = reconstruction_memory(sizes, replace(settings, windows=windows), self.options.nsamples,
                                            self.options.seqlen, compute_bytes, self.options.switches().dense_target)
             if worst is None or memory.device_bytes > worst.device_bytes:

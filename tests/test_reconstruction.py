@@ -11,9 +11,11 @@ from transformers import AutoModelForCausalLM
 
 import streamprune
 from streamprune import engine
+from streamprune.allocation import LayerPlan
 from streamprune.errors import StreamPruneError
 from streamprune.reconstruction import (
     ADAM_BYTES_PER_PARAM,
+    GradientReconstruction,
     ReconstructionSettings,
     WindowSizes,
     WindowTrainer,
@@ -231,6 +233,16 @@ def _70b(kept_fraction: float) -> WindowSizes:
     c, f = 8192, 28672
     return WindowSizes(hidden=c, heads=64, kv_heads=8, head_dim=128, intermediate=int(f * kept_fraction),
                        dense_mlp_params=3 * c * f)
+
+
+def test_a_window_runs_where_its_submodule_is_pruned_and_a_layer_window_wherever_anything_is():
+    """The engine's memory estimate asks the part for its windows, so both follow this one rule."""
+    part = GradientReconstruction(_settings(windows=("attention", "mlp", "layer")))
+    plan = lambda units, channels: LayerPlan(0, 0.5, 1.0, 0.2, units, channels)  # noqa: E731
+    assert part.windows(plan(1, 0)) == ("attention", "layer")
+    assert part.windows(plan(0, 8)) == ("mlp", "layer")
+    assert part.windows(plan(1, 8)) == ("attention", "mlp", "layer")
+    assert part.windows(plan(0, 0)) == ()
 
 
 def test_memory_accounting_of_the_70b_shape_fits_a_16_gb_gpu():
