@@ -103,6 +103,7 @@ class StreamingPruner:
         self.staging = staging_dir_for(self.out_dir)
         self.output = HFFolderOutput(self.reader, self.shape, self.staging, self.out_dir)
         self.units = head_units(self.shape, options.gqa_mode)
+        options.allocation_settings().check(self.shape)  # before the dense pass, not after it
         self.timer = Timer(self.device)
         self.stop = StopFlag()
 
@@ -350,7 +351,7 @@ class StreamingPruner:
         """The splits of the layer's budget to try: the plan alone unless `--split search` has a choice."""
         if self.options.split != "search" or not (plan.prunes_attention or plan.prunes_mlp):
             return [plan]
-        return equal_budget_plans(plan, self.shape, self.units, self.options.regression)
+        return equal_budget_plans(plan, self.shape, self.options.allocation_settings())
 
     def _prune_searching_split(self, i, candidates, stored, hidden, runtime, dense, read_next):
         """`--split search`: prune the layer once per candidate split of its budget, keep the best
@@ -467,9 +468,7 @@ class StreamingPruner:
                 scores = None
             if state.allocation is None:
                 allocation = solve_allocation(self.shape, self.reader.parameter_count(), o.ratio, scores,
-                                              gqa_mode=o.gqa_mode, regression=o.regression, alpha=o.alpha,
-                                              num_pruned_layers=o.num_pruned_layers,
-                                              attention_scale=o.attention_scale)
+                                              o.allocation_settings())
                 state.allocation = {"summary": allocation.to_dict(),
                                             "plans": [asdict(p) for p in allocation.plans]}
                 state.hidden_file = None  # pass 2 starts from the embeddings again
