@@ -80,8 +80,8 @@ class AllocationSettings:
         if k is not None and not 1 <= k <= L:
             raise StreamPruneError(f"--layers must be between 1 and {L}, got {k}")
         if self.channel_multiple >= shape.intermediate_size:
-            raise StreamPruneError(f"--channel-multiple must be below the FFN width ({shape.intermediate_size}): "
-                                   f"a pruned layer keeps a multiple of it, at least one, got {self.channel_multiple}")
+            raise StreamPruneError(f"--channel-multiple must be below the FFN width {shape.intermediate_size} (a "
+                                   f"pruned layer keeps a positive multiple of it), got {self.channel_multiple}")
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,6 @@ class ChannelGrid:
         below = kept // self.multiple * self.multiple
         candidates = [k for k in (self.width, below + self.multiple, below) if self.allows(self.width - k)]
         return self.width - min(candidates, key=lambda k: abs(k - kept))
-
-
 
 
 @dataclass
@@ -301,12 +299,12 @@ def _correct_with_channels(counts, m, counter: RemovalCounter, target: float) ->
     deficit = target - sum(counter.removed(u, ch) for u, ch in counts)
     steps = round(deficit / counter.per_step)
     order = [i for i in sorted(range(len(m)), key=lambda i: -m[i]) if counts[i][1] > 0]
-    step = counter.grid.multiple
+    per_step = counter.grid.multiple  # channels
     while steps and order:
         moved = False
         for i in order:
             u, ch = counts[i]
-            new = ch + (step if steps > 0 else -step)
+            new = ch + (per_step if steps > 0 else -per_step)
             if new > 0 and counter.grid.allows(new):
                 counts[i] = (u, new)
                 steps += -1 if steps > 0 else 1
@@ -342,9 +340,9 @@ def equal_budget_plans(plan: LayerPlan, shape: ModelShape, settings: AllocationS
 def _channels_for_budget(counter: RemovalCounter, prune_units: int, budget: int) -> int | None:
     """The FFN channel count on the grid that, with `prune_units` per bucket, removes closest to `budget`
     parameters, or None when even that misses it by more than one step."""
-    grid, step = counter.grid, counter.grid.multiple
+    grid = counter.grid
     guess = round((budget - counter.removed(prune_units, 0)) / counter.per_channel)
     near = grid.nearest(min(max(guess, 0), grid.width - 1))
-    options = [c for c in (near - step, near, near + step) if 0 <= c and grid.allows(c)]
+    options = [c for c in (near - grid.multiple, near, near + grid.multiple) if grid.allows(c)]
     best = min(options, key=lambda c: abs(counter.removed(prune_units, c) - budget))
     return best if abs(counter.removed(prune_units, best) - budget) <= counter.per_step else None

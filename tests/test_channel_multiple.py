@@ -91,8 +91,8 @@ def test_the_option_is_on_the_command_line_and_in_batch_manifests(tmp_path):
 @pytest.mark.parametrize(("value", "message"), [
     ("0", "--channel-multiple must be at least 1, got 0"),
     ("-64", "--channel-multiple must be at least 1, got -64"),
-    (str(FFN), f"--channel-multiple must be below the FFN width ({FFN}): a pruned layer keeps a multiple of it, "
-               f"at least one, got {FFN}"),
+    (str(FFN), f"--channel-multiple must be below the FFN width {FFN} (a pruned layer keeps a positive multiple "
+               f"of it), got {FFN}"),
 ])
 def test_bad_values_are_refused_in_one_line_before_any_work(tiny, calib_file, tmp_path, value, message):
     out = tmp_path / "out"
