@@ -4,7 +4,8 @@ The user's `--ratio R` is the fraction of the model's TOTAL parameters to remove
 lm_head included, a tied embedding counted once). Layer l gets r_l = R_base * m_l with
 m_l = K softmax(alpha s)_l over the K most redundant layers (highest input/output cosine s_l). R_base is
 found by bisection on the exact parameter count after rounding to whole heads / KV groups / channels,
-then a few single channels are added or removed so the total lands on the target.
+then a few single channels (or steps of `--channel-multiple` channels) are added or removed so the total
+lands on the target.
 """
 
 from __future__ import annotations
@@ -58,6 +59,56 @@ def head_units(shape: ModelShape, gqa_mode: str) -> HeadUnits:
 
 def channel_params(shape: ModelShape) -> int:
     return 3 * shape.hidden_size + (2 if shape.mlp_bias else 0)
+
+
+@dataclass(frozen=True)
+class AllocationSettings:
+    """The options the allocation reads. No defaults and no help here: each field is the `PruneOptions` field of
+    the same name (options.py documents it), copied by name in `PruneOptions.allocation_settings()`; the
+    ratio-dependent defaults (None) are resolved in `solve_allocation`."""
+
+    gqa_mode: str
+    regression: bool
+    alpha: float | None
+    num_pruned_layers: int | None
+    attention_scale: float | None
+    channel_multiple: int
+
+    def check(self, shape: ModelShape) -> None:
+        """Refuse, in one line, settings this model cannot take (the engine calls it before the dense pass)."""
+        L, k = shape.num_layers, self.num_pruned_layers
+        if k is not None and not 1 <= k <= L:
+            raise StreamPruneError(f"--layers must be between 1 and {L}, got {k}")
+        if self.channel_multiple >= shape.intermediate_size:
+            raise StreamPruneError(f"--channel-multiple must be below the FFN width {shape.intermediate_size} (a "
+                                   f"pruned layer keeps a positive multiple of it), got {self.channel_multiple}")
+
+
+@dataclass(frozen=True)
+class ChannelGrid:
+    """The FFN channel counts a layer may prune (docs/method.md "Channel multiple"): none, so the dense width
+    stays, or any count that leaves a multiple of `multiple` channels, at least `multiple` of them. With
+    multiple 1 that is every count from 0 to width - 1, the method's plain rounding."""
+
+    width: int
+    multiple: int
+
+    @property
+    def most(self) -> int:
+        """The most channels one layer can lose (it keeps `multiple`)."""
+        return self.width - self.multiple
+
+    def allows(self, prune: int) -> bool:
+        kept = self.width - prune
+        return prune == 0 or (0 < prune <= self.most and kept % self.multiple == 0)
+
+    def nearest(self, prune: int) -> int:
+        """The allowed count closest to `prune` (ties keep more channels). Monotone in `prune`, which the
+        bisection on R_base relies on."""
+        kept = self.width - prune
+        below = kept // self.multiple * self.multiple
+        candidates = [k for k in (self.width, below + self.multiple, below) if self.allows(self.width - k)]
+        return self.width - min(candidates, key=lambda k: abs(k - kept))
 
 
 @dataclass
@@ -136,18 +187,30 @@ def layer_multipliers(scores: list[float] | None, num_layers: int, alpha: float,
 class RemovalCounter:
     """Parameters removed by a layer at ratio r, after rounding and caps (monotone in r)."""
 
-    def __init__(self, shape: ModelShape, units: HeadUnits, regression: bool):
+    def __init__(self, shape: ModelShape, units: HeadUnits, regression: bool, channel_multiple: int = 1):
         self.shape, self.units = shape, units
         self.per_channel = channel_params(shape)
         self.regression = regression
+        self.grid = ChannelGrid(shape.intermediate_size, channel_multiple)
+
+    @classmethod
+    def for_settings(cls, shape: ModelShape, settings: AllocationSettings) -> RemovalCounter:
+        units = head_units(shape, settings.gqa_mode)
+        return cls(shape, units, settings.regression, settings.channel_multiple)
+
+    @property
+    def per_step(self) -> int:
+        """Parameters of the smallest change of a pruned layer's FFN: `channel_multiple` channels."""
+        return self.grid.multiple * self.per_channel
 
     def counts(self, r: float, attention_scale: float) -> tuple[int, int]:
         """(units per bucket, FFN channels) a layer at ratio r prunes: a share min(attention_scale * r, 1) of
-        its units (at least one kept per bucket) and a share r of its channels (at least one kept)."""
+        its units (at least one kept per bucket) and a share r of its channels (at least one kept), rounded
+        to the channel grid."""
         per_bucket = self.units.units_per_bucket
         prune_units = min(round(min(attention_scale * r, 1.0) * per_bucket), per_bucket - 1)
         prune_channels = min(round(r * self.shape.intermediate_size), self.shape.intermediate_size - 1)
-        return max(prune_units, 0), max(prune_channels, 0)
+        return max(prune_units, 0), self.grid.nearest(max(prune_channels, 0))
 
     def removed(self, prune_units: int, prune_channels: int) -> int:
         total = prune_units * self.units.num_buckets * self.units.params_per_unit
@@ -164,34 +227,30 @@ def solve_allocation(
     params_before: int,
     target_ratio: float,
     scores: list[float] | None,
-    *,
-    gqa_mode: str,
-    regression: bool,
-    alpha: float | None = None,
-    num_pruned_layers: int | None = None,
-    attention_scale: float | None = None,
+    settings: AllocationSettings,
 ) -> Allocation:
     """Per-layer plans whose total removal is as close as rounding allows to target_ratio * params_before.
 
     `scores` are the per-layer cosine similarities from the dense pass, or None for uniform ratios.
     A layer at ratio r loses a share min(attention_scale * r, 1) of its attention units (at least one
-    kept per bucket) and a share r of its FFN channels; attention_scale None picks
-    default_attention_scale(target_ratio), as alpha and num_pruned_layers None pick theirs: the ratio-dependent
-    defaults are resolved here and nowhere else. The options' own ranges (ratio in [0, 1), ...) are checked by
-    PruneOptions.validate before this is called.
+    kept per bucket) and a share r of its FFN channels, rounded so the kept width is a multiple of
+    `channel_multiple`; attention_scale None picks default_attention_scale(target_ratio), as alpha and
+    num_pruned_layers None pick theirs: the ratio-dependent defaults are resolved here and nowhere else. The
+    options' own ranges (ratio in [0, 1), ...) are checked by PruneOptions.validate before this is called,
+    the model-dependent ones by settings.check.
     """
-    units = head_units(shape, gqa_mode)
+    settings.check(shape)
+    attention_scale = settings.attention_scale
     if attention_scale is None:
         attention_scale = default_attention_scale(target_ratio)
-    counter = RemovalCounter(shape, units, regression)
+    counter = RemovalCounter.for_settings(shape, settings)
     L = shape.num_layers
     if scores is None:
         alpha_used, k = None, L
     else:
-        alpha_used = default_alpha(target_ratio) if alpha is None else alpha
-        k = default_num_pruned_layers(target_ratio, L) if num_pruned_layers is None else num_pruned_layers
-        if not 1 <= k <= L:
-            raise StreamPruneError(f"--layers must be between 1 and {L}, got {k}")
+        alpha_used = default_alpha(target_ratio) if settings.alpha is None else settings.alpha
+        k = settings.num_pruned_layers
+        k = default_num_pruned_layers(target_ratio, L) if k is None else k
     m = layer_multipliers(scores, L, alpha_used or 0.0, k)
     target = target_ratio * params_before
 
@@ -199,7 +258,8 @@ def solve_allocation(
         counts = [counter.counts(min(base * mi, 1.0), attention_scale) for mi in m]
         return sum(counter.removed(u, ch) for u, ch in counts), counts
 
-    base = _bisect_base(removed_at, target, max_base=1.0 / min(x for x in m if x > 0), params=params_before)
+    base = _bisect_base(removed_at, target, max_base=1.0 / min(x for x in m if x > 0), params=params_before,
+                        channel_multiple=settings.channel_multiple)
     _, counts = removed_at(base)
     counts = _correct_with_channels(counts, m, counter, target)
     plans = [
@@ -211,15 +271,16 @@ def solve_allocation(
                       attention_scale)
 
 
-def _bisect_base(removed_at, target: float, max_base: float, params: int) -> float:
+def _bisect_base(removed_at, target: float, max_base: float, params: int, channel_multiple: int) -> float:
     """Smallest-error R_base: bisection on the step function removed_at(base) around the target."""
     if target <= 0:
         return 0.0
     most, _ = removed_at(max_base)
     if most < target:
+        channels = "one FFN channel" if channel_multiple == 1 else f"{channel_multiple} FFN channels"
         raise StreamPruneError(
             f"--ratio is too large: at most {most / params:.1%} of the parameters can be removed while "
-            "keeping at least one head (per KV group) and one FFN channel in every layer"
+            f"keeping at least one head (per KV group) and {channels} in every layer"
         )
     lo, hi = 0.0, max_base
     for _ in range(60):
@@ -232,18 +293,19 @@ def _bisect_base(removed_at, target: float, max_base: float, params: int) -> flo
 
 
 def _correct_with_channels(counts, m, counter: RemovalCounter, target: float) -> list[tuple[int, int]]:
-    """Add or remove single FFN channels (the finest unit) in pruned layers, most redundant first."""
+    """Add or remove FFN channels in steps of `channel_multiple` (the finest unit: one channel by default) in
+    layers whose FFN is pruned, most redundant first; a layer's FFN is never pruned away or left whole by it."""
     counts = list(counts)
     deficit = target - sum(counter.removed(u, ch) for u, ch in counts)
-    steps = round(deficit / counter.per_channel)
+    steps = round(deficit / counter.per_step)
     order = [i for i in sorted(range(len(m)), key=lambda i: -m[i]) if counts[i][1] > 0]
-    limit = counter.shape.intermediate_size - 1
+    per_step = counter.grid.multiple  # channels
     while steps and order:
         moved = False
         for i in order:
             u, ch = counts[i]
-            new = ch + (1 if steps > 0 else -1)
-            if 1 <= new <= limit:
+            new = ch + (per_step if steps > 0 else -per_step)
+            if new > 0 and counter.grid.allows(new):
                 counts[i] = (u, new)
                 steps += -1 if steps > 0 else 1
                 moved = True
@@ -254,18 +316,18 @@ def _correct_with_channels(counts, m, counter: RemovalCounter, target: float) ->
     return counts
 
 
-def equal_budget_plans(plan: LayerPlan, shape: ModelShape, units: HeadUnits, regression: bool,
+def equal_budget_plans(plan: LayerPlan, shape: ModelShape, settings: AllocationSettings,
                        max_candidates: int = 4) -> list[LayerPlan]:
     """The splits of `plan`'s parameter budget between attention units and FFN channels (`--split search`).
 
     Units pruned per bucket 0, s, 2s, ... (s chosen so there are at most `max_candidates`) and the plan's
-    own count, each with the number of FFN channels whose removal is closest to the plan's. A split that
-    would need more channels than the layer has, or misses the budget by more than one channel's
-    parameters, is left out; the plan itself is always a candidate.
+    own count, each with the number of FFN channels (on the channel grid) whose removal is closest to the
+    plan's. A split that would need more channels than the layer has, or misses the budget by more than
+    one step of channels' parameters, is left out; the plan itself is always a candidate.
     """
-    counter = RemovalCounter(shape, units, regression)
+    counter = RemovalCounter.for_settings(shape, settings)
     budget = counter.removed(plan.prune_units_per_bucket, plan.prune_channels)
-    per_bucket = units.units_per_bucket
+    per_bucket = counter.units.units_per_bucket
     step = math.ceil(per_bucket / max_candidates)
     plans = []
     for prune_units in sorted(set(range(0, per_bucket, step)) | {plan.prune_units_per_bucket}):
@@ -276,11 +338,11 @@ def equal_budget_plans(plan: LayerPlan, shape: ModelShape, units: HeadUnits, reg
 
 
 def _channels_for_budget(counter: RemovalCounter, prune_units: int, budget: int) -> int | None:
-    """The FFN channel count that, with `prune_units` per bucket, removes closest to `budget` parameters."""
-    limit = counter.shape.intermediate_size - 1
+    """The FFN channel count on the grid that, with `prune_units` per bucket, removes closest to `budget`
+    parameters, or None when even that misses it by more than one step."""
+    grid = counter.grid
     guess = round((budget - counter.removed(prune_units, 0)) / counter.per_channel)
-    options = [c for c in (guess - 1, guess, guess + 1) if 0 <= c <= limit]
-    if not options:
-        return None
+    near = grid.nearest(min(max(guess, 0), grid.width - 1))
+    options = [c for c in (near - grid.multiple, near, near + grid.multiple) if grid.allows(c)]
     best = min(options, key=lambda c: abs(counter.removed(prune_units, c) - budget))
-    return best if abs(counter.removed(prune_units, best) - budget) <= counter.per_channel else None
+    return best if abs(counter.removed(prune_units, best) - budget) <= counter.per_step else None

@@ -168,15 +168,20 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cac
     stop_with_parent()
     pruner = StreamingPruner(model_dir, out_dir, PruneOptions(**options), overwrite=overwrite, restart=restart,
                              quiet=quiet, shared_cache=shared_cache)
+    if decilm_dir is not None or decilm_ffn_multiple is not None:
+        _check_decilm_options(decilm_dir, decilm_ffn_multiple)
     if pruner.already_complete:
-        _already_complete(out_dir, pruner.run().report, as_json, gguf_path, gguf_outtype)
+        _already_complete(out_dir, pruner.run().report, as_json, gguf_path, gguf_outtype, decilm_dir,
+                          decilm_ffn_multiple)
         return
     if gguf_path is not None:
         from .export_gguf import check_destination
 
         check_destination(gguf_path, overwrite)  # before an hour of pruning, not after
-    if decilm_dir is not None or decilm_ffn_multiple is not None:
-        _check_decilm_request(decilm_dir, decilm_ffn_multiple, overwrite)
+    if decilm_dir is not None:
+        from .export_decilm import check_destination
+
+        check_destination(decilm_dir, None, overwrite)
     result = pruner.run()
     r = result.report
     exported = _export_after_run(out_dir, gguf_path, gguf_outtype, overwrite) if gguf_path else None
@@ -196,13 +201,12 @@ def run(model_dir: str, out_dir: str, overwrite: bool, restart: bool, shared_cac
         click.echo(_decilm_line(decilm))
 
 
-def _check_decilm_request(decilm_dir: str | None, ffn_multiple: int | None, overwrite: bool) -> None:
-    from .export_decilm import check_destination, check_ffn_multiple
+def _check_decilm_options(decilm_dir: str | None, ffn_multiple: int | None) -> None:
+    from .export_decilm import check_ffn_multiple
 
     if decilm_dir is None:
         raise StreamPruneError("--decilm-ffn-multiple needs --decilm DEST")
     check_ffn_multiple(ffn_multiple)
-    check_destination(decilm_dir, None, overwrite)
 
 
 def _decilm_after_run(out_dir: str, decilm_dir: str, ffn_multiple: int | None, overwrite: bool):
@@ -218,16 +222,34 @@ def _decilm_line(result) -> str:
             f"{result.peak_rss_mb:.0f} MB -> {result.path}")
 
 
-def _already_complete(out_dir: str, report: dict, as_json: bool, gguf_path: str | None, outtype: str) -> None:
+def _already_complete(out_dir: str, report: dict, as_json: bool, gguf_path: str | None, outtype: str,
+                      decilm_dir: str | None, ffn_multiple: int | None) -> None:
     """A retried command whose model is already in OUT_DIR: say so in one line (on stderr with --json, whose
-    stdout stays the report) and exit 0; only a requested GGUF file that is missing is still written."""
+    stdout stays the report) and exit 0. A requested export that is missing is still written (the first run
+    may have been stopped during it, or the export added to the command since); one already there is left
+    as it is, with a line saying so."""
     import json
 
     click.echo(f"already complete: {out_dir} holds this run (same input and options); nothing to do", err=as_json)
-    if gguf_path is not None and not Path(gguf_path).is_file():
-        click.echo(_export_line(_export_after_run(out_dir, gguf_path, outtype, overwrite=False)), err=as_json)
+    if gguf_path is not None:
+        if Path(gguf_path).is_file():
+            line = _left_as_it_is(f"GGUF file {gguf_path}", f"streamprune export {out_dir} {gguf_path} --overwrite")
+        else:
+            line = _export_line(_export_after_run(out_dir, gguf_path, outtype, overwrite=False))
+        click.echo(line, err=as_json)
+    if decilm_dir is not None:
+        if (Path(decilm_dir) / "config.json").is_file():  # a DeciLM folder appears complete, by a rename
+            redo = f"streamprune export {out_dir} {decilm_dir} --format decilm --overwrite"
+            line = _left_as_it_is(f"DeciLM folder {decilm_dir}", redo)
+        else:
+            line = _decilm_line(_decilm_after_run(out_dir, decilm_dir, ffn_multiple, overwrite=False))
+        click.echo(line, err=as_json)
     if as_json:
         click.echo(json.dumps(report, indent=2))
+
+
+def _left_as_it_is(what: str, redo: str) -> str:
+    return f"{what} already exists; left as it is (`{redo}` writes it again)"
 
 
 def _export_after_run(out_dir: str, gguf_path: str, outtype: str, overwrite: bool):

@@ -102,6 +102,7 @@ class StreamingPruner:
         self.staging = staging_dir_for(self.out_dir)
         self.output = HFFolderOutput(self.reader, self.shape, self.staging, self.out_dir)
         self.units = head_units(self.shape, options.gqa_mode)
+        options.allocation_settings().check(self.shape)  # before the dense pass, not after it
         self.timer = Timer(self.device)
         self.stop = StopFlag()
 
@@ -294,7 +295,7 @@ class StreamingPruner:
     def _layer_pruner(self, runtime: LayerRuntime) -> LayerPruner:
         """The per-layer pruner of this run: the method parts are built here, once."""
         o = self.options
-        split = SplitRule(search=o.split == "search", samples=o.split_samples, regression=o.regression)
+        split = SplitRule(search=o.split == "search", samples=o.split_samples, allocation=o.allocation_settings())
         return LayerPruner(self.dense_config, self.shape, self.units, MethodParts.from_switches(o.switches()),
                            runtime, self.timer, self.storage_dtype, split)
 
@@ -391,9 +392,7 @@ class StreamingPruner:
                 scores = None
             if state.allocation is None:
                 allocation = solve_allocation(self.shape, self.reader.parameter_count(), o.ratio, scores,
-                                              gqa_mode=o.gqa_mode, regression=o.regression, alpha=o.alpha,
-                                              num_pruned_layers=o.num_pruned_layers,
-                                              attention_scale=o.attention_scale)
+                                              o.allocation_settings())
                 state.allocation = {"summary": allocation.to_dict(),
                                             "plans": [asdict(p) for p in allocation.plans]}
                 state.hidden_file = None  # pass 2 starts from the embeddings again

@@ -207,7 +207,7 @@ class LayerPruner:
         holds the stored values exactly, so no second copy of the layer is kept) and cast to `out_dtype` one
         tensor at a time.
         """
-        candidates = self.split.candidates(work.plan, self.shape, self.units)
+        candidates = self.split.candidates(work.plan, self.shape)
         if len(candidates) > 1:
             result, trials = self._prune_best_split(work, candidates)
         else:

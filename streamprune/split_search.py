@@ -28,7 +28,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from .allocation import HeadUnits, LayerPlan, equal_budget_plans
+from .allocation import AllocationSettings, LayerPlan, equal_budget_plans
 from .architecture import ModelShape
 
 ResultT = TypeVar("ResultT")
@@ -40,14 +40,14 @@ class SplitRule:
     every equal-budget split tried on `samples` calibration sequences (0: all of them)."""
 
     search: bool
-    samples: int = 0
-    regression: bool = True  # the recovery adds biases: candidates count removed parameters as allocation does
+    samples: int
+    allocation: AllocationSettings  # candidates count removed parameters and round FFN widths as allocation does
 
-    def candidates(self, plan: LayerPlan, shape: ModelShape, units: HeadUnits) -> list[LayerPlan]:
+    def candidates(self, plan: LayerPlan, shape: ModelShape) -> list[LayerPlan]:
         """The splits of the layer's budget to try: the plan alone unless a search has a choice."""
         if not self.search or not (plan.prunes_attention or plan.prunes_mlp):
             return [plan]
-        return equal_budget_plans(plan, shape, units, self.regression)
+        return equal_budget_plans(plan, shape, self.allocation)
 
     def trial_rows(self, num_sequences: int) -> torch.Tensor | None:
         """The calibration sequences the candidates are tried on (split_trial_rows); None: all of them."""

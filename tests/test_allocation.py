@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+
 import pytest
 
 from streamprune.allocation import (
+    AllocationSettings,
+    ChannelGrid,
     LayerPlan,
     RemovalCounter,
     default_attention_scale,
@@ -25,9 +31,15 @@ SMOLLM2 = {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "
 SMOLLM2_PARAMS = 134_515_008
 
 
+def _settings(**options) -> AllocationSettings:
+    """The method's own choices (heads, with recovery, the ratio's defaults) unless `options` say otherwise."""
+    defaults = {"gqa_mode": "heads", "regression": True, "alpha": None, "num_pruned_layers": None,
+                "attention_scale": None, "channel_multiple": 1}
+    return AllocationSettings(**{**defaults, **options})
+
+
 def _solve(shape, params, ratio, scores, **options):
-    """solve_allocation with the method's own choices (heads, with recovery) unless `options` say otherwise."""
-    return solve_allocation(shape, params, ratio, scores, **{"gqa_mode": "heads", "regression": True, **options})
+    return solve_allocation(shape, params, ratio, scores, _settings(**options))
 
 
 def _scores(n):
@@ -104,7 +116,7 @@ def test_equal_budget_plans_move_the_same_budget_between_heads_and_channels(conf
     allocation = _solve(shape, SMOLLM2_PARAMS if config is SMOLLM2 else LLAMA7B_PARAMS, 0.5,
                                   _scores(shape.num_layers))
     plan = min(allocation.plans, key=lambda p: abs(p.ratio - 0.5))  # room to move both ways
-    candidates = equal_budget_plans(plan, shape, units, regression=True)
+    candidates = equal_budget_plans(plan, shape, _settings())
     budget = counter.removed(plan.prune_units_per_bucket, plan.prune_channels)
     assert plan in candidates and 2 <= len(candidates) <= 5
     assert all(abs(counter.removed(c.prune_units_per_bucket, c.prune_channels) - budget) <= counter.per_channel
@@ -119,9 +131,85 @@ def test_equal_budget_plans_move_the_same_budget_between_heads_and_channels(conf
 
 def test_equal_budget_plans_leave_out_splits_the_ffn_cannot_absorb():
     shape = read_shape(SMOLLM2)
-    units = head_units(shape, "heads")
     # Almost the whole FFN and two of three heads per group: with no head pruned the channels would not
     # suffice, with fewer heads they must still fit; every candidate keeps at least one channel.
     plan = LayerPlan(5, 0.9, 1.0, 0.9, 2, 1500)
-    candidates = equal_budget_plans(plan, shape, units, regression=True)
+    candidates = equal_budget_plans(plan, shape, _settings())
     assert [c.prune_units_per_bucket for c in candidates] == [2]
+
+
+# ------------------------------------------------------------------------------------ --channel-multiple
+
+QWEN2_05B = {"model_type": "qwen2", "num_hidden_layers": 24, "hidden_size": 896, "num_attention_heads": 14,
+             "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True}
+
+
+def _params(shape) -> int:
+    """Total parameters of a dense model of this shape (a tied embedding counted once)."""
+    spec = shape.dense_layer_spec()
+    layers = sum(math.prod(dims) for i in range(shape.num_layers)
+                 for dims in shape.adapter.expected_layer_shapes(shape, i, spec).values())
+    return layers + shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2) + shape.hidden_size
+
+
+def test_channel_multiple_1_is_the_allocation_from_before_the_option():
+    """Plans and --split search candidates of LLaMA-7B and SmolLM2 at 20 % and 50 %, digested; the digest was
+    computed with allocation.py as it was before --channel-multiple existed (commit 662d120)."""
+    rows = []
+    for config, params in ((LLAMA7B, LLAMA7B_PARAMS), (SMOLLM2, SMOLLM2_PARAMS)):
+        shape = read_shape(config)
+        for ratio in (0.2, 0.5):
+            alloc = _solve(shape, params, ratio, _scores(shape.num_layers), channel_multiple=1)
+            rows.append([(p.prune_units_per_bucket, p.prune_channels) for p in alloc.plans])
+            splits = [equal_budget_plans(p, shape, _settings()) for p in alloc.plans if p.prunes_mlp]
+            rows.append([[(c.prune_units_per_bucket, c.prune_channels) for c in split] for split in splits])
+    assert hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16] == "0ff6feda055e84e3"
+
+
+@pytest.mark.parametrize("multiple", [8, 64, 256])
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+@pytest.mark.parametrize("config", [SMOLLM2, LLAMA7B, QWEN2_05B], ids=["smollm2", "llama7b", "qwen2-0.5b"])
+def test_channel_multiple_keeps_ffn_widths_multiples_and_hits_the_target_within_half_a_step(config, ratio, multiple):
+    shape = read_shape(config)
+    params = _params(shape)
+    if config is SMOLLM2:
+        assert params == SMOLLM2_PARAMS  # the helper counts as the engine does
+    alloc = _solve(shape, params, ratio, _scores(shape.num_layers), channel_multiple=multiple)
+    kept = [shape.intermediate_size - p.prune_channels for p in alloc.plans if p.prunes_mlp]
+    assert len(kept) == default_num_pruned_layers(ratio, shape.num_layers)
+    assert all(k % multiple == 0 and k >= multiple for k in kept), kept
+    # The correction moves whole steps of `multiple` channels, so the total lands within half a step.
+    step = multiple * RemovalCounter(shape, head_units(shape, "heads"), True).per_channel
+    assert abs(alloc.params_after - (1 - ratio) * params) <= step / 2
+    if multiple == 256:
+        assert len(set(kept)) > 1  # still a per-layer allocation, not one width
+
+
+@pytest.mark.parametrize("multiple", [8, 64])
+def test_channel_multiple_applies_to_every_split_the_search_tries(multiple):
+    shape = read_shape(SMOLLM2)
+    settings = _settings(channel_multiple=multiple)
+    counter = RemovalCounter.for_settings(shape, settings)
+    alloc = solve_allocation(shape, SMOLLM2_PARAMS, 0.5, _scores(30), settings)
+    for plan in (p for p in alloc.plans if p.prunes_mlp):
+        candidates = equal_budget_plans(plan, shape, settings)
+        assert plan in candidates
+        budget = counter.removed(plan.prune_units_per_bucket, plan.prune_channels)
+        for c in candidates:
+            assert (shape.intermediate_size - c.prune_channels) % multiple == 0
+            assert abs(counter.removed(c.prune_units_per_bucket, c.prune_channels) - budget) <= counter.per_step
+
+
+def test_channel_grid_rounds_to_the_nearest_allowed_width_and_keeps_an_unpruned_dense_width():
+    grid = ChannelGrid(1000, 256)  # 1000 is not a multiple: unpruned layers keep it, pruned ones 256, 512 or 768
+    assert [grid.nearest(p) for p in (0, 100, 200, 300, 600, 999)] == [0, 0, 232, 232, 488, 744]
+    assert [grid.allows(p) for p in (0, 232, 744, 1000 - 1024, 1000, 100)] == [True, True, True, False, False, False]
+    assert all(ChannelGrid(1536, 1).nearest(p) == p for p in range(1536))  # plain rounding
+
+
+def test_a_channel_multiple_as_wide_as_the_ffn_is_refused():
+    shape = read_shape(SMOLLM2)
+    with pytest.raises(StreamPruneError, match=r"--channel-multiple must be below the FFN width 1536 \(.*\), got 1536"):
+        _solve(shape, SMOLLM2_PARAMS, 0.2, _scores(30), channel_multiple=1536)
+    with pytest.raises(StreamPruneError, match="and 1024 FFN channels in every layer"):
+        _solve(shape, SMOLLM2_PARAMS, 0.2, _scores(30), channel_multiple=1024)  # only 1024 channels can stay

@@ -350,6 +350,33 @@ def test_run_with_decilm_exports_right_after_pruning(source_dir, calib_file, tmp
     assert not (tmp_path / "out2").exists()  # refused before pruning
 
 
+def test_run_on_an_already_complete_out_dir_still_writes_a_missing_decilm_export(source_dir, calib_file, tmp_path):
+    from tests.helpers import folder_digest
+
+    out, vllm = tmp_path / "out", tmp_path / "vllm"
+    args = ["run", source_dir("dense"), out, "--ratio", "0.3", "--calib", calib_file, "--nsamples", "4",
+            "--seqlen", "16", "--quiet"]
+    assert invoke_cli(*args).exit_code == 0
+    done = f"already complete: {out} holds this run (same input and options); nothing to do"
+    assert_one_error_line(invoke_cli(*args, "--decilm-ffn-multiple", "256"),
+                          "--decilm-ffn-multiple needs --decilm DEST")
+    assert_one_error_line(invoke_cli(*args, "--decilm", vllm, "--decilm-ffn-multiple", "100"),
+                          "--ffn-multiple must be a multiple of 256")
+    result = invoke_cli(*args, "--decilm", vllm, "--decilm-ffn-multiple", "256")
+    assert result.exit_code == 0, result.output
+    first, exported_line = result.output.strip().splitlines()
+    assert first == done and "(DeciLM, " in exported_line and exported_line.endswith(f"-> {vllm}")
+    assert all("ffn_mult" in b["ffn"] for b in json.loads((vllm / "config.json").read_text())["block_configs"])
+    before = folder_digest(vllm)
+    again = invoke_cli(*args, "--decilm", vllm, "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["options"]["ratio"] == 0.3  # stdout stays the report
+    assert again.stderr.strip().splitlines() == [
+        done, f"DeciLM folder {vllm} already exists; left as it is "
+              f"(`streamprune export {out} {vllm} --format decilm --overwrite` writes it again)"]
+    assert folder_digest(vllm) == before
+
+
 def test_batch_manifest_decilm_columns_export_each_job(source_dir, calib_file, tmp_path):
     from streamprune.batch import load_manifest
 

@@ -47,6 +47,7 @@ def test_negated_flags_turn_the_option_off():
     ({"num_pruned_layers": 0}, "--layers must be at least 1, got 0"),
     ({"attention_scale": -1.0}, "--attention-scale must be at least 0, got -1.0"),
     ({"split_samples": -1, "split": "search"}, "--split-samples must be at least 0, got -1"),
+    ({"channel_multiple": 0}, "--channel-multiple must be at least 1, got 0"),
     ({"split_samples": 32}, "--split-samples 32 applies to --split search only; add --split search or drop"),
 ])
 def test_validate_names_the_flag_and_the_range(changes, message):
@@ -109,6 +110,18 @@ def test_method_switches_are_schema_fields_without_defaults_of_their_own():
     assert settings.windows == ("attention", "mlp") and settings.lr == 0.01 and settings.seed == 3
     switches = PruneOptions(ratio=0.2, damping=0.3, recovery="affine", greedy=False).switches()
     assert (switches.damping, switches.recovery, switches.greedy) == (0.3, "affine", False)
+
+
+def test_allocation_settings_are_schema_fields_without_defaults_of_their_own():
+    from streamprune.allocation import AllocationSettings
+
+    schema = {f.name: f for f in options.fields()}
+    for f in dataclasses.fields(AllocationSettings):
+        assert f.name in schema, f"AllocationSettings.{f.name} is not a PruneOptions field"
+        assert f.default is dataclasses.MISSING, f"AllocationSettings.{f.name} repeats a default"
+    settings = PruneOptions(ratio=0.2, channel_multiple=64, gqa_mode="groups", alpha=3.0).allocation_settings()
+    assert (settings.channel_multiple, settings.gqa_mode, settings.alpha, settings.attention_scale) == (
+        64, "groups", 3.0, None)
 
 
 def test_maths_modules_do_not_import_the_options_schema():
