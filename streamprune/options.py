@@ -128,9 +128,9 @@ class PruneOptions:
              "attention (attention) or both, one submodule at a time, or of the whole decoder layer at once "
              "(layer), toward the dense submodule's output; "
              "the closed form is kept where it is better on held-out calibration sequences "
-             "(docs/method.md \"Reconstruction by gradient\"). Measured on SmolLM2 at 50 %: both took held-out "
-             "perplexity from 6.33x to 6.02x dense (2 seeds) at 4.5x the pruning time on a 2-core CPU "
-             "(docs/results.md).")
+             "(docs/method.md \"Reconstruction by gradient\"). Measured on SmolLM2 (3 seeds): at 50 % both took "
+             "held-out perplexity from 6.28x to 5.94x dense at 4.5x the pruning time on a 2-core CPU; at 20 % "
+             "no measurable gain (docs/results.md). Worth it where heads are pruned, on a GPU.")
     reconstruct_inputs: str = _option(
         "dense", choices=("dense", "pruned"),
         help="What reconstruction learns from: the dense model's own stream (the dense submodule's inputs and "
