@@ -10,6 +10,7 @@ complete is complete. Other formats (the GGUF export) read the published folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from .checkpoint import CheckpointReader, ShardWriter, copy_aux_files, read_json
 from .errors import StreamPruneError
 from .faults import fault_point
 from .modeling import AUTO_MAP, REMOTE_CODE_FILES
+from .options import fields as option_fields
 from .run_state import STATE_NAME
 
 REPORT_NAME = "streamprune_report.json"
@@ -114,7 +116,14 @@ def finished_run_differences(out_dir: Path, fingerprint: dict) -> list[str] | No
         return None
     diffs = [] if done.get("format") == fingerprint["format"] else ["report format"]
     diffs += [] if done.get("model") == fingerprint["model"] else ["input checkpoint"]
+    # An option added after that run was written is absent from its report; a new option's default keeps
+    # the old result, so absent matches the default (a run from before --channel-multiple is still complete).
+    old_options = {**_option_defaults(), **old_options}
     return diffs + [f"{k} {old_options.get(k)} -> {v}" for k, v in new_options.items() if old_options.get(k) != v]
+
+
+def _option_defaults() -> dict:
+    return {f.name: f.default for f in option_fields() if f.default is not dataclasses.MISSING}
 
 
 def read_report(out_dir: str | Path) -> dict:

@@ -175,6 +175,22 @@ def test_rerunning_with_other_options_or_input_is_refused(model, calib_file, tmp
     assert "already complete" in run_cli(args).output
 
 
+def test_a_run_from_before_an_option_existed_is_complete_while_that_option_keeps_its_default(model, calib_file,
+                                                                                            tmp_path):
+    """Reports list the options of their day; an option added since is absent there, and its default keeps the
+    old result, so only a non-default value of it makes the run a different one."""
+    out = tmp_path / "out"
+    args = [str(model), str(out), "--ratio", "0.2", "--calib", str(calib_file), *FAST]
+    assert run_cli(args).exit_code == 0
+    report_path = out / "streamprune_report.json"
+    report = json.loads(report_path.read_text())
+    del report["fingerprint"]["options"]["channel_multiple"]  # as written before --channel-multiple existed
+    report_path.write_text(json.dumps(report))
+    assert "already complete" in run_cli(args).output
+    assert_clean_failure(run_cli([*args, "--channel-multiple", "8"]),
+                         "holds a finished run with other options or input (channel_multiple 1 -> 8)")
+
+
 def test_prune_api_reports_an_already_complete_run(models, calib_file, tmp_path):
     from streamprune import prune
     from streamprune.errors import StreamPruneError
