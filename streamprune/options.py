@@ -87,9 +87,9 @@ class PruneOptions:
              "parallelism and DeciLM's ffn_mult take without padding; `export --format decilm --ffn-multiple 256` "
              "then pads nothing). The parameter target is met to within N channels' parameters; a layer left "
              "unpruned keeps its dense width. Attention heads are not affected: a head is already a block of "
-             "head_dim (64 or 128) rows (docs/method.md \"Channel multiple\"). Measured on SmolLM2, one seed: "
-             "256 took held-out perplexity from 1.760x to 1.775x dense at 20 % and 6.32x to 6.35x at 50 % "
-             "(docs/results.md).")
+             "head_dim (64 or 128) rows (docs/method.md \"Channel multiple\"). Measured on SmolLM2, 3 seeds: "
+             "256 took held-out perplexity from 1.765x to 1.783x dense at 20 % and 6.28x to 6.38x at 50 %; 64 "
+             "costs less than the seed spread (docs/results.md).")
     split: str = _option(
         "fixed", choices=("fixed", "search"),
         help="How each layer's budget is split between attention heads and FFN channels: fixed by "
