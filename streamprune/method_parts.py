@@ -341,17 +341,11 @@ class DownProjFit(Protocol):
     def output(self, kept: torch.Tensor) -> torch.Tensor: ...
 
 
-class PlainDownProj:
-    """Plain removal: the kept columns unchanged, the dense bias kept."""
+class _FixedBeforeSweep:
+    """A down-projection fit whose weights are settled before the pruned FFN's sweep: the sweep only
+    applies them (nothing to observe, nothing to finish, the forward's own output kept)."""
 
     keeps_intermediate = False
-
-    def __init__(self, inp: DownProjInput):
-        self.inp = inp
-        self.w, self.b = inp.w_kept, inp.b_old
-
-    def forward_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.w.to(self.inp.compute_dtype), self.inp.module_bias
 
     def observe(self, z, x, y, t) -> None:
         pass
@@ -361,6 +355,17 @@ class PlainDownProj:
 
     def output(self, kept: torch.Tensor) -> torch.Tensor:
         return kept.float()
+
+
+class PlainDownProj(_FixedBeforeSweep):
+    """Plain removal: the kept columns unchanged, the dense bias kept."""
+
+    def __init__(self, inp: DownProjInput):
+        self.inp = inp
+        self.w, self.b = inp.w_kept, inp.b_old
+
+    def forward_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.w.to(self.inp.compute_dtype), self.inp.module_bias
 
 
 class AffineDownProj:
@@ -417,10 +422,8 @@ class LeastSquaresDownProj:
         return kept.float()
 
 
-class PrefitDownProj:
+class PrefitDownProj(_FixedBeforeSweep):
     """Least squares straight from the covariance the channel selector gathered (no second Gram)."""
-
-    keeps_intermediate = False
 
     def __init__(self, inp: DownProjInput, fit: LeastSquaresFit):
         self.inp = inp
@@ -429,15 +432,6 @@ class PrefitDownProj:
 
     def forward_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.w.to(self.inp.compute_dtype), self.b.to(self.inp.compute_dtype)
-
-    def observe(self, z, x, y, t) -> None:
-        pass
-
-    def finish(self, kept: list[torch.Tensor]) -> None:
-        pass
-
-    def output(self, kept: torch.Tensor) -> torch.Tensor:
-        return kept.float()
 
 
 def _take_fit(target: LeastSquaresDownProj | PrefitDownProj, fit: LeastSquaresFit) -> None:
