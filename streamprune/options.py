@@ -137,7 +137,16 @@ class PruneOptions:
              "outputs; one more dense forward per layer) or the pruned stream's inputs with the dense "
              "submodule's outputs on them.")
     reconstruct_epochs: int = _option(8, low=0, help="Reconstruction epochs over the training sequences (0: none).")
-    reconstruct_lr: float = _option(1e-3, low=0, help="Adam learning rate of the reconstruction (cosine decay to 0).")
+    reconstruct_lr: float = _option(1e-3, low=0, help="Learning rate of the reconstruction (cosine decay to 0).")
+    reconstruct_optimizer: str = _option(
+        "adam", choices=("adam", "rmsprop"),
+        help="Reconstruction optimiser: Adam, or RMSprop (Wanda++'s regional optimisation; one state tensor instead "
+             "of two, so 12 instead of 16 bytes a trained parameter).")
+    reconstruct_anchor: float = _option(
+        0.0, low=0,
+        help="Pull the trained weights back toward the closed form after every step: theta -= lr * anchor * "
+             "(theta - theta_closed_form), AdamW's decay centred on the closed form (0: none; costs 4 bytes a "
+             "trained parameter).")
     reconstruct_batch: int = _option(8, low=1, help="Calibration sequences per reconstruction step.")
     reconstruct_val_every: int = _option(
         5, low=0,
@@ -171,7 +180,8 @@ class PruneOptions:
 
         windows = WINDOWS[:2] if self.reconstruct == "both" else (self.reconstruct,)
         return ReconstructionSettings(windows, self.reconstruct_inputs, self.reconstruct_epochs, self.reconstruct_lr,
-                                      self.reconstruct_batch, self.reconstruct_val_every, self.seed)
+                                      self.reconstruct_batch, self.reconstruct_val_every, self.seed,
+                                      optimizer=self.reconstruct_optimizer, anchor=self.reconstruct_anchor)
 
     def keeps_dense_stream(self) -> bool:
         """Whether pass 2 carries the dense model's hidden states beside the pruned ones."""

@@ -54,6 +54,8 @@ class ReconstructionSettings:
     batch: int  # calibration sequences per optimiser step
     val_every: int  # every val_every-th sequence is held out for validation
     seed: int
+    optimizer: str = "adam"  # "adam" or "rmsprop"
+    anchor: float = 0.0  # decoupled decay toward the closed form, per unit of learning rate (0: none)
 
     @property
     def attention(self) -> bool:
@@ -106,7 +108,10 @@ def dimension_weights(inputs: torch.Tensor, targets: torch.Tensor, rows: torch.T
 
 
 class WindowTrainer:
-    """Adam with cosine decay over `settings.epochs` epochs of shuffled calibration sequences.
+    """Adam (or RMSprop) with cosine decay over `settings.epochs` epochs of shuffled calibration sequences, and
+    optionally a decoupled decay of the weights toward their starting (closed-form) values: after each step
+    theta <- theta - lr_t * anchor * (theta - theta_0), AdamW's weight decay centred on the closed form
+    instead of on zero.
 
     `forward(x)` is the pruned submodule (its parameters are `params`), `inputs` and `targets` are
     (sequences, tokens, hidden) float32 tensors on any device; each step moves one batch to `device`.
@@ -133,17 +138,21 @@ class WindowTrainer:
         if s.epochs > 0 and s.lr > 0:
             for p in self.params:
                 p.requires_grad_(True)
-            optimiser = torch.optim.Adam(self.params, lr=s.lr)
+            optimiser = _optimiser(s.optimizer, self.params, s.lr)
+            anchor = [p.detach().clone() for p in self.params] if s.anchor > 0 else None
             batches_per_epoch = math.ceil(len(train) / s.batch)
             total = s.epochs * batches_per_epoch
             generator = torch.Generator().manual_seed(self.seed)
             for epoch in range(1, s.epochs + 1):
                 order = train[torch.randperm(len(train), generator=generator)]
                 for chunk in order.split(s.batch):
-                    _set_lr(optimiser, s.lr * 0.5 * (1 + math.cos(math.pi * steps / total)))
+                    lr = s.lr * 0.5 * (1 + math.cos(math.pi * steps / total))
+                    _set_lr(optimiser, lr)
                     if not self._step(optimiser, inputs[chunk], targets[chunk], weights):
                         non_finite = True
                         break
+                    if anchor is not None:
+                        _pull_toward(self.params, anchor, min(lr * s.anchor, 1.0))
                     steps += 1
                 if non_finite:
                     break
@@ -163,7 +172,7 @@ class WindowTrainer:
                             steps, non_finite)
 
     def _step(self, optimiser: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> bool:
-        """One Adam step on one batch; False (and no step) when the loss is not finite."""
+        """One optimiser step on one batch; False (and no step) when the loss is not finite."""
         with torch.enable_grad():
             x, y = x.to(self.device, torch.float32), y.to(self.device, torch.float32)
             loss = _weighted_square(self.forward(x) - y, w).mean()
@@ -200,6 +209,20 @@ class WindowTrainer:
 def _weighted_square(diff: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Per token: sum_d w_d diff_d^2 (shape: batch x tokens)."""
     return (diff.square() * w).sum(-1)
+
+
+def _optimiser(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """Adam (beta 0.9, 0.999) or RMSprop (alpha 0.99, no momentum: Wanda++'s regional optimisation), eps 1e-8."""
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, alpha=0.99, eps=1e-8)
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+@torch.no_grad()
+def _pull_toward(params: list[torch.nn.Parameter], anchor: list[torch.Tensor], weight: float) -> None:
+    """theta <- theta + weight * (theta_0 - theta) for every parameter."""
+    for p, a in zip(params, anchor, strict=True):
+        p.lerp_(a, weight)
 
 
 def _set_lr(optimiser: torch.optim.Optimizer, lr: float) -> None:
@@ -319,7 +342,11 @@ __all__ = ["WINDOWS", "GradientReconstruction", "ReconstructionSettings", "Train
 # ----------------------------------------------------------------------------------------------
 
 FLOAT32 = 4
-ADAM_BYTES_PER_PARAM = 4 * FLOAT32  # float32 master weight, gradient, first and second moment
+def bytes_per_trained_param(settings: ReconstructionSettings) -> int:
+    """Device bytes per trainable parameter: the float32 weight and its gradient, the optimiser's state (Adam: two
+    moments, RMSprop: one) and, with an anchor, a float32 copy of the closed-form weight."""
+    state = 2 if settings.optimizer == "adam" else 1
+    return FLOAT32 * (2 + state + (1 if settings.anchor > 0 else 0))
 
 
 @dataclass(frozen=True)
@@ -380,9 +407,10 @@ def activation_bytes(window: str, sizes: WindowSizes, batch: int, seqlen: int) -
 
 def reconstruction_memory(sizes: WindowSizes, settings: ReconstructionSettings, nsamples: int, seqlen: int,
                           compute_bytes: int, dense_target: bool = False) -> ReconstructionMemory:
-    """The larger of the windows' peaks. Each window holds its float32 weights with their gradient and
-    Adam's two moments (16 bytes a parameter), the calibration streams (`stream_copies`) and one step's
-    activations; the attention window also overlaps the dense FFN, which is released only after it."""
+    """The larger of the windows' peaks. Each window holds its float32 weights with their gradient and the
+    optimiser state (`bytes_per_trained_param`: 16 bytes a parameter with Adam), the calibration streams
+    (`stream_copies`) and one step's activations; the attention window also overlaps the dense FFN, which is
+    released only after it."""
     streams = stream_copies(settings, dense_target) * nsamples * seqlen * sizes.hidden * FLOAT32
     best: tuple[int, str, dict, int] | None = None
     for window in settings.windows:
@@ -390,7 +418,8 @@ def reconstruction_memory(sizes: WindowSizes, settings: ReconstructionSettings, 
                   "layer": sizes.attention_params() + sizes.mlp_params()}[window]
         activations = sum(activation_bytes(w, sizes, settings.batch, seqlen)
                           for w in (("attention", "mlp") if window == "layer" else (window,)))
-        parts = {"weights+grads+adam": ADAM_BYTES_PER_PARAM * params, "streams": streams, "activations": activations}
+        parts = {"weights+grads+optimiser": bytes_per_trained_param(settings) * params, "streams": streams,
+                 "activations": activations}
         if window == "attention":
             parts["dense FFN"] = sizes.dense_mlp_params * compute_bytes
         total = sum(parts.values())

@@ -14,11 +14,11 @@ from streamprune import engine
 from streamprune.allocation import LayerPlan
 from streamprune.errors import StreamPruneError
 from streamprune.reconstruction import (
-    ADAM_BYTES_PER_PARAM,
     GradientReconstruction,
     ReconstructionSettings,
     WindowSizes,
     WindowTrainer,
+    bytes_per_trained_param,
     dimension_weights,
     reconstruction_memory,
     split_rows,
@@ -108,6 +108,39 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_closed_form():
     assert report.steps < 20 * 10  # stopped early
 
 
+def test_rmsprop_lowers_the_error_too():
+    x, y, w = _linear_problem()
+    report = WindowTrainer([w], lambda v: v @ w.T, _settings(optimizer="rmsprop"), torch.device("cpu"), 1).run(
+        "mlp", x, y)
+    assert report.kept and report.val_after < 0.2 * report.val_before
+
+
+def test_an_anchor_keeps_the_weights_nearer_the_closed_form():
+    """theta -= lr_t * anchor * (theta - theta_0) after each step: a larger anchor, a smaller move; an anchor
+    that pulls all the way back (lr * anchor >= 1) leaves the closed form exactly."""
+    moves = {}
+    for anchor in (0.0, 20.0, 1e9):
+        x, y, w = _linear_problem()
+        start = w.detach().clone()
+        report = WindowTrainer([w], lambda v, w=w: v @ w.T, _settings(anchor=anchor, val_every=0),
+                               torch.device("cpu"), 1).run("mlp", x, y)
+        moves[anchor] = (float((w.detach() - start).norm()), report)
+    assert 0 < moves[20.0][0] < 0.9 * moves[0.0][0]
+    assert moves[20.0][1].train_after < moves[20.0][1].train_before  # still learns
+    assert moves[1e9][0] == 0.0 and not moves[1e9][1].kept
+
+
+def test_optimiser_state_and_anchor_are_counted_per_trained_parameter():
+    assert bytes_per_trained_param(_settings()) == 16  # weight, gradient, two moments (float32)
+    assert bytes_per_trained_param(_settings(optimizer="rmsprop")) == 12
+    assert bytes_per_trained_param(_settings(anchor=1.0)) == 20  # plus the closed form's copy
+    sizes = _70b(0.8)
+    adam = reconstruction_memory(sizes, _settings(inputs="dense", batch=8), 128, 128, 2)
+    rms = reconstruction_memory(sizes, _settings(inputs="dense", batch=8, optimizer="rmsprop"), 128, 128, 2)
+    kept_mlp = 3 * 8192 * int(28672 * 0.8) + 8192
+    assert adam.device_bytes - rms.device_bytes == 4 * kept_mlp
+
+
 def test_training_is_deterministic_for_a_seed():
     results = []
     for _ in range(2):
@@ -131,12 +164,22 @@ def closed_and_reconstructed(models, calib_file, tmp_path_factory):
     return src, closed, recon
 
 
-@pytest.mark.parametrize("change", [{"reconstruct_epochs": 0}, {"reconstruct_lr": 0.0}])
+@pytest.mark.parametrize("change", [{"reconstruct_epochs": 0}, {"reconstruct_lr": 0.0},
+                                    {"reconstruct_anchor": 1e9}])  # pulled all the way back after every step
 def test_zero_steps_or_zero_learning_rate_gives_the_closed_form_bytes(closed_and_reconstructed, tmp_path, change):
     src, closed, _ = closed_and_reconstructed
     out = streamprune.prune(src, tmp_path / "out", 0.4, calib=closed.report["options"]["calib"],
                             **{**RECON, "reconstruct": "both", **change}).out_dir
     assert output_digest(out) == output_digest(closed.out_dir)
+
+
+def test_the_optimiser_option_reaches_the_trainer(closed_and_reconstructed, tmp_path):
+    src, closed, recon = closed_and_reconstructed
+    out = streamprune.prune(src, tmp_path / "out", 0.4, calib=closed.report["options"]["calib"],
+                            **{**RECON, "reconstruct": "both", "reconstruct_optimizer": "rmsprop"})
+    assert out.report["options"]["reconstruct_optimizer"] == "rmsprop"
+    assert output_digest(out.out_dir) not in (output_digest(closed.out_dir), output_digest(recon.out_dir))
+    assert any(w["kept"] for w in _windows(out.report))
 
 
 def test_reconstruction_lowers_the_held_out_error_and_changes_only_kept_weights(closed_and_reconstructed):
@@ -253,7 +296,7 @@ def test_memory_accounting_of_the_70b_shape_fits_a_16_gb_gpu():
     memory = reconstruction_memory(sizes, settings, 128, 128, compute_bytes=2)
     kept_mlp = 3 * 8192 * int(28672 * 0.8) + 8192
     assert memory.window == "mlp"
-    assert memory.parts["weights+grads+adam"] == ADAM_BYTES_PER_PARAM * kept_mlp == 16 * kept_mlp
+    assert memory.parts["weights+grads+optimiser"] == 16 * kept_mlp  # float32 weight, gradient, Adam's 2 moments
     assert memory.parts["streams"] == 6 * 128 * 128 * 8192 * 4
     assert memory.host_bytes == 4 * kept_mlp  # the best epoch's weights wait on the host
     assert memory.device_bytes == sum(memory.parts.values())
