@@ -284,7 +284,7 @@ class GradientReconstruction:
         inputs, targets = self._training_pairs(problem)
         names, module = _window_module(problem)
         params = [module.get_parameter(n) for n in names]
-        forward = _window_forward(problem.window, module, problem.runtime.position_embeddings)
+        forward = window_forward(problem.window, module, problem.runtime.position_embeddings)
         s, layer = self.settings, problem.layer
         seed = s.seed * 1_000_003 + len(WINDOWS) * layer + WINDOWS.index(problem.window)
         trainer = WindowTrainer(params, forward, s, problem.runtime.device, seed, f"reconstruct:{layer}")
@@ -321,7 +321,7 @@ def _window_module(p: WindowProblem) -> tuple[list[str], torch.nn.Module]:
     return list(state), layer
 
 
-def _window_forward(window: str, layer: torch.nn.Module, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+def window_forward(window: str, layer: torch.nn.Module, position_embeddings: tuple[torch.Tensor, torch.Tensor]
                     ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The window's contribution to the residual stream, as a function of its input."""
     if window == "mlp":
@@ -334,7 +334,7 @@ def _window_forward(window: str, layer: torch.nn.Module, position_embeddings: tu
 
 
 __all__ = ["WINDOWS", "GradientReconstruction", "ReconstructionSettings", "TrainedWindow", "WindowProblem",
-           "WindowReport", "WindowTrainer", "dimension_weights", "split_rows"]
+           "WindowReport", "WindowTrainer", "dimension_weights", "split_rows", "window_forward"]
 
 
 # ----------------------------------------------------------------------------------------------
