@@ -322,7 +322,7 @@ def _window_module(p: WindowProblem) -> tuple[list[str], torch.nn.Module]:
 
 
 def window_forward(window: str, layer: torch.nn.Module, position_embeddings: tuple[torch.Tensor, torch.Tensor]
-                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The window's contribution to the residual stream, as a function of its input."""
     if window == "mlp":
         return lambda x: layer.mlp(layer.post_attention_layernorm(x))

@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from window_errors import DEMO_MODEL, EVAL_DIR  # noqa: E402  (tools/, beside this script)
+
 from streamprune.calibration import calibration_ids  # noqa: E402
 from streamprune.evaluation import StreamedModel, text_windows  # noqa: E402
 from streamprune.layer_pruning import LayerRuntime  # noqa: E402
@@ -39,8 +41,6 @@ from streamprune.reconstruction import (  # noqa: E402
     window_forward,
 )
 
-DEMO_MODEL = Path.home() / ".cache/streamprune/models/SmolLM2-135M-Instruct"
-EVAL_DIR = Path.home() / ".cache/streamprune/eval-texts"
 WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext2-valid.tokens.txt"
 PARTS = {"attention": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")}
 

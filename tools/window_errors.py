@@ -31,12 +31,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from streamprune.demo.gguf_import import default_cache_dir, demo_model_dir  # noqa: E402
 from streamprune.evaluation import StreamedModel, text_windows  # noqa: E402
 from streamprune.layer_pruning import LayerRuntime  # noqa: E402
 from streamprune.loading import load_tokenizer  # noqa: E402
 
-DEMO_MODEL = Path.home() / ".cache/streamprune/models/SmolLM2-135M-Instruct"
-EVAL_DIR = Path.home() / ".cache/streamprune/eval-texts"
+DEMO_MODEL = demo_model_dir(default_cache_dir())  # the demo's SmolLM2-135M-Instruct (streamprune demo makes it)
+EVAL_DIR = Path("~/.cache/streamprune/eval-texts").expanduser()  # tools/eval_texts.py makes it
 
 
 def weighted_error(diff: torch.Tensor, ref: torch.Tensor, w: torch.Tensor) -> float:
