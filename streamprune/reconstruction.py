@@ -303,7 +303,7 @@ class GradientReconstruction:
         return d.mid, d.out - d.mid
 
 
-_WINDOW_PARTS = {"attention": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm"),
+WINDOW_PARTS = {"attention": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm"),
                  "layer": ("self_attn", "input_layernorm", "mlp", "post_attention_layernorm")}
 
 
@@ -314,7 +314,7 @@ def _window_module(p: WindowProblem) -> tuple[list[str], torch.nn.Module]:
         layer = adapter_of(p.config).layer_module(p.config, p.layer)
     prefix = LAYER_PREFIX.format(p.layer)
     state = {}
-    for part in _WINDOW_PARTS[p.window]:
+    for part in WINDOW_PARTS[p.window]:
         for name, _ in layer.get_submodule(part).named_parameters(prefix=part):
             state[name] = p.weights[prefix + name].to(p.runtime.device, torch.float32, copy=True)  # never an alias
     layer.load_state_dict(state, strict=False, assign=True)
@@ -333,8 +333,8 @@ def window_forward(window: str, layer: torch.nn.Module, position_embeddings: tup
                                      attention_mask=None)[0]
 
 
-__all__ = ["WINDOWS", "GradientReconstruction", "ReconstructionSettings", "TrainedWindow", "WindowProblem",
-           "WindowReport", "WindowTrainer", "dimension_weights", "split_rows", "window_forward"]
+__all__ = ["WINDOWS", "WINDOW_PARTS", "GradientReconstruction", "ReconstructionSettings", "TrainedWindow",
+           "WindowProblem", "WindowReport", "WindowTrainer", "dimension_weights", "split_rows", "window_forward"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,38 +28,37 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from window_errors import DEMO_MODEL, EVAL_DIR  # noqa: E402  (tools/, beside this script)
+from bench_quality import DEFAULT_CALIB  # noqa: E402  (tools/, beside this script)
+from window_errors import DEMO_MODEL, EVAL_DIR, dense_windows  # noqa: E402
 
 from streamprune.calibration import calibration_ids  # noqa: E402
 from streamprune.evaluation import StreamedModel, text_windows  # noqa: E402
 from streamprune.layer_pruning import LayerRuntime  # noqa: E402
 from streamprune.loading import load_tokenizer  # noqa: E402
 from streamprune.reconstruction import (  # noqa: E402
+    WINDOW_PARTS,
     ReconstructionSettings,
     WindowTrainer,
     dimension_weights,
     window_forward,
 )
 
-WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext2-valid.tokens.txt"
-PARTS = {"attention": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")}
-
 
 @torch.no_grad()
-def dense_pairs(dense: StreamedModel, streams: list[torch.Tensor], layer: int, window: str, rt: LayerRuntime
-                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Advance every stream to `layer` in place; return each one's (window input, dense window output)."""
-    pe = rt.position_embeddings
-    for i in range(layer + 1):
+def advance_to(dense: StreamedModel, streams: list[torch.Tensor], start: int, layer: int, window: str,
+               rt: LayerRuntime) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Advance every stream (at layer `start`'s input) in place to layer `layer`'s input; return each one's
+    (window input, dense window output) at that layer."""
+    for i in range(start, layer):
         d = dense.layer(i, rt)
-        pairs = []
         for k, h in enumerate(streams):
-            attn = d.self_attn(hidden_states=d.input_layernorm(h), position_embeddings=pe, attention_mask=None)[0]
-            mid = h + attn
-            mlp = d.mlp(d.post_attention_layernorm(mid))
-            if i == layer:
-                pairs.append((h.clone(), attn) if window == "attention" else (mid, mlp))
+            _, mid, mlp = dense_windows(d, h, rt.position_embeddings)
             streams[k] = mid + mlp
+    d = dense.layer(layer, rt)
+    pairs = []
+    for h in streams:
+        attn, mid, mlp = dense_windows(d, h, rt.position_embeddings)
+        pairs.append((h, attn) if window == "attention" else (mid, mlp))
     return pairs
 
 
@@ -67,7 +66,7 @@ def train_once(pruned: StreamedModel, layer: int, window: str, rt: LayerRuntime,
                calib: tuple[torch.Tensor, torch.Tensor], text: tuple[torch.Tensor, torch.Tensor]) -> dict:
     """Train the window from the closed form; the three errors after / before."""
     module = pruned.layer(layer, rt)
-    params = [p for part in PARTS[window] for p in module.get_submodule(part).parameters()]
+    params = [p for part in WINDOW_PARTS[window] for p in module.get_submodule(part).parameters()]
     forward = window_forward(window, module, rt.position_embeddings)
     trainer = WindowTrainer(params, forward, settings, rt.device, seed=layer)
     rows = torch.arange(text[0].shape[0])
@@ -92,7 +91,7 @@ def train_once(pruned: StreamedModel, layer: int, window: str, rt: LayerRuntime,
 @click.argument("pruned_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--dense", "dense_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=DEMO_MODEL, show_default=True)
-@click.option("--calib", default=str(WIKI), show_default=True)
+@click.option("--calib", default=str(DEFAULT_CALIB), show_default=True)
 @click.option("--eval-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=EVAL_DIR,
               show_default=True)
 @click.option("--layers", default="15", show_default=True, help="Space-separated layer indices.")
@@ -115,9 +114,10 @@ def main(pruned_dir, dense_dir, calib, eval_dir, layers, window, nsamples, epoch
     print("|---|---|---|---|---|---|---|---|")
     for n in map(int, nsamples.split()):
         ids = calibration_ids(calib, tokenizer, n, 128, seed, dense_dir)
-        for layer in map(int, layers.split()):
-            calib_pair, text_pair = dense_pairs(dense, [dense.embed(ids).float(), dense.embed(text_ids).float()],
-                                                layer, window, rt)
+        streams, at = [dense.embed(ids).float(), dense.embed(text_ids).float()], 0
+        for layer in sorted(map(int, layers.split())):  # the streams advance once, layer by layer
+            calib_pair, text_pair = advance_to(dense, streams, at, layer, window, rt)
+            at = layer
             for e in map(int, epochs.split()):
                 settings = ReconstructionSettings((window,), "dense", e, lr, 8, 5, seed)
                 row = {"layer": layer, "nsamples": n, "epochs": e,

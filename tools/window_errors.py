@@ -49,6 +49,15 @@ def inverse_mean_square(x: torch.Tensor) -> torch.Tensor:
     return 1 / x.double().square().reshape(-1, x.shape[-1]).mean(0)
 
 
+def dense_windows(layer: torch.nn.Module, h: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decoder layer split into its two windows: (attention output, stream after it, FFN output)."""
+    attn = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=position_embeddings,
+                           attention_mask=None)[0]
+    mid = h + attn
+    return attn, mid, layer.mlp(layer.post_attention_layernorm(mid))
+
+
 @torch.no_grad()
 def layer_errors(dense_dir: Path, model_dirs: list[Path], windows: torch.Tensor) -> list[dict]:
     """Per model: lists of E_a, E_m and S over the layers (NaN-free; 0 where the window equals the dense one)."""
@@ -63,9 +72,7 @@ def layer_errors(dense_dir: Path, model_dirs: list[Path], windows: torch.Tensor)
     out = [{"attention": [], "mlp": [], "stream": []} for _ in models]
     for i in range(dense.num_layers):
         d = dense.layer(i, rt)
-        attn_d = d.self_attn(hidden_states=d.input_layernorm(h), position_embeddings=pe, attention_mask=None)[0]
-        mid = h + attn_d
-        mlp_d = d.mlp(d.post_attention_layernorm(mid))
+        attn_d, mid, mlp_d = dense_windows(d, h, pe)
         nxt = mid + mlp_d
         w_mid, w_out = inverse_mean_square(mid), inverse_mean_square(nxt)
         for k, m in enumerate(models):
